@@ -1,0 +1,47 @@
+# `make demo` and `make test` create or refresh .venv themselves; nothing installed by hand is relied on.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.14.1 / torchvision 0.29.1 are the newest on this machine's disk (a CUDA build, so the CUDA
+# sources compile and link here even without a GPU); override on other machines.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+export CUDA_HOME MAX_JOBS
+
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) csrc/build.json
+
+.PHONY: venv build test lint demo bench clean
+
+venv: $(VENV)/.stamp-install
+
+$(VENV)/.stamp-install: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC) triton ninja setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@ $(VENV)/.stamp-build
+
+# Rebuild the extension in place when a C++/CUDA source changes (ninja recompiles only what changed).
+$(VENV)/.stamp-build: $(VENV)/.stamp-install $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(VENV)/.stamp-build
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: build lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/sphinx-x tiles
+
+bench: build
+	$(PY) benchmarks/bench_tiles.py
+
+clean:
+	rm -rf build sphinx_kernels/_C*.so $(VENV)/.stamp-build

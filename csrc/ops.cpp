@@ -1,0 +1,19 @@
+// The one TORCH_LIBRARY(sphinx_kernels, m): every op schema of the extension is declared here; the
+// kernels register themselves per device with TORCH_LIBRARY_IMPL in their family's .cpp / .cu file.
+// The fake (meta) implementations live on the Python side (sphinx_kernels/<family>.py).
+#include <torch/library.h>
+
+#ifdef SPHINX_KERNELS_PYTHON_MODULE
+#include <Python.h>
+// An empty Python module so `import sphinx_kernels._C` loads this library (and runs the registrations).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
+
+TORCH_LIBRARY(sphinx_kernels, m) {
+  // Skip-token tiling: out[v] = normalised view v, resampled straight from the uint8 source (see tiles.cpp).
+  m.def(
+      "tile_gather_out(Tensor data, Tensor view_table, float[] scale, float[] shift, Tensor(a!) out) -> ()");
+}

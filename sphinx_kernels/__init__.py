@@ -1,0 +1,35 @@
+"""sphinx-kernels: fused kernels for training and serving SPHINX-X multimodal LLMs.
+
+Importing needs no GPU, no compiler and no built extension; ``backends()`` says what can run here.
+"""
+
+from sphinx_kernels._backend import BackendStatus, backends
+from sphinx_kernels.tiles import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageBatch,
+    TilePlan,
+    plan_tiles,
+    resized_size,
+    tile_gather,
+    tile_gather_ref,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BackendStatus",
+    "ImageBatch",
+    "TilePlan",
+    "backends",
+    "plan_tiles",
+    "resized_size",
+    "tile_gather",
+    "tile_gather_ref",
+]
