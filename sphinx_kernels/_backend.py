@@ -162,6 +162,9 @@ def _runs_on(name: str, device: torch.device, op: str) -> tuple[bool, str]:
     return status.available, status.reason
 
 
+# Decided at trace time under torch.compile (the result is a constant of the graph): backend choice
+# reads the environment and the extension registry, neither of which dynamo can or should trace.
+@torch.compiler.assume_constant_result
 def select(family: str, candidates: tuple[str, ...], device: torch.device, *, op: str = "",
            backend: str | None = None) -> str:
     """Pick the backend for one call of op family `family`.

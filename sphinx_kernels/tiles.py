@@ -91,7 +91,9 @@ class TilePlan:
     views_per_image: list[int]
     image_index: torch.Tensor
     view_tile: torch.Tensor
-    _geometry: list[tuple[int, int, int, int, int, int]] = field(repr=False)
+    # Per view (image, H, W, out_h, out_w, y0, x0) and (r, c): host copies for kernels and compile.
+    _geometry: list[tuple[int, ...]] = field(repr=False)
+    _tiles: list[tuple[int, int]] = field(repr=False)
 
     @property
     def num_images(self) -> int:
@@ -109,6 +111,10 @@ class TilePlan:
     def num_skipped(self) -> int:
         return sum(self.skipped_per_image)
 
+    def kept_tiles(self, image: int) -> list[tuple[int, int]]:
+        """``(r, c)`` of image `image`'s kept tiles, row-major (host ints, no tensor read)."""
+        return [(r, c) for (i, *_), (r, c) in zip(self._geometry, self._tiles, strict=True) if i == image and r >= 0]
+
     def visual_tokens(self, tokens_per_view: int, *, delimiters_per_view: int = 2) -> list[int]:
         """Sequence positions each image takes in the LLM: per kept view its encoder tokens plus the
         ``[img_start]``/``[img_end]`` delimiters, plus one skip token per skipped tile."""
@@ -117,12 +123,11 @@ class TilePlan:
 
     def view_table(self, offsets: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """int64 ``(V, 7)`` kernel table (columns `VIEW_COLUMNS`), given each image's byte offset."""
-        offsets = torch.as_tensor(offsets, dtype=torch.int64).cpu()
-        if offsets.shape != (self.num_images,):
-            raise ValueError(f"offsets must have shape ({self.num_images},), got {tuple(offsets.shape)}")
-        geometry = torch.tensor(self._geometry, dtype=torch.int64).reshape(-1, 7)
-        geometry[:, 0] = offsets[self.image_index]
-        return geometry.to(device)
+        offsets = _host_ints(offsets, "offsets")
+        if len(offsets) != self.num_images:
+            raise ValueError(f"offsets needs {self.num_images} entries (one per image), got {len(offsets)}")
+        rows = [(offsets[g[0]], *g[1:]) for g in self._geometry]
+        return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 7)
 
 
 def plan_tiles(sizes: Sequence[tuple[int, int]], canvas: int = 448, grid: int = 2) -> TilePlan:
@@ -142,20 +147,14 @@ def plan_tiles(sizes: Sequence[tuple[int, int]], canvas: int = 448, grid: int = 
             raise ValueError(f"sizes[{i}] = {(h, w)}: an image needs at least one pixel")
     resized = tuple(resized_size(h, w, canvas) for h, w in sizes)
     global_sizes = tuple(resized_size(h, w, tile) for h, w in sizes)
-    kept = torch.zeros(len(sizes), grid, grid, dtype=torch.bool)
-    views_per_image, image_index, view_tile, geometry = [], [], [], []
+    kept, views_per_image, image_index, view_tile, geometry = [], [], [], [], []
     for i, ((h, w), (rh, rw), (gh, gw)) in enumerate(zip(sizes, resized, global_sizes, strict=True)):
-        geometry.append((0, h, w, gh, gw, 0, 0))
-        image_index.append(i)
-        view_tile.append((-1, -1))
-        for r in range(grid):
-            for c in range(grid):
-                if r * tile < rh and c * tile < rw:
-                    kept[i, r, c] = True
-                    geometry.append((0, h, w, rh, rw, r * tile, c * tile))
-                    image_index.append(i)
-                    view_tile.append((r, c))
-        views_per_image.append(1 + int(kept[i].sum()))
+        kept.append([[r * tile < rh and c * tile < rw for c in range(grid)] for r in range(grid)])
+        tiles = [(r, c) for r in range(grid) for c in range(grid) if kept[i][r][c]]
+        geometry += [(i, h, w, gh, gw, 0, 0)] + [(i, h, w, rh, rw, r * tile, c * tile) for r, c in tiles]
+        view_tile += [(-1, -1)] + tiles
+        views_per_image.append(1 + len(tiles))
+        image_index += [i] * (1 + len(tiles))
     return TilePlan(
         sizes=sizes,
         canvas=canvas,
@@ -163,11 +162,12 @@ def plan_tiles(sizes: Sequence[tuple[int, int]], canvas: int = 448, grid: int = 
         tile=tile,
         resized_sizes=resized,
         global_sizes=global_sizes,
-        kept=kept,
+        kept=torch.tensor(kept, dtype=torch.bool).reshape(len(sizes), grid, grid),
         views_per_image=views_per_image,
         image_index=torch.tensor(image_index, dtype=torch.int64),
         view_tile=torch.tensor(view_tile, dtype=torch.int64).reshape(-1, 2),
         _geometry=geometry,
+        _tiles=view_tile,
     )
 
 
@@ -177,13 +177,13 @@ class ImageBatch:
 
     Attributes:
         data: uint8 ``(sum of H*W*3,)``, each image HWC (RGB) contiguous, on any device.
-        offsets: int64 ``(N,)`` (CPU): element offset of each image in `data`.
-        sizes: int64 ``(N, 2)`` (CPU): ``(H, W)`` of each image.
+        offsets: element offset of each image in `data` (host ints: a tuple; lists/tensors are converted).
+        sizes: ``(H, W)`` of each image (host ints, likewise).
     """
 
     data: torch.Tensor
-    offsets: torch.Tensor
-    sizes: torch.Tensor
+    offsets: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]
 
     def __post_init__(self) -> None:
         data = self.data
@@ -193,29 +193,26 @@ class ImageBatch:
             raise TypeError(f"data must be uint8, got {data.dtype}")
         if data.dim() != 1:
             raise ValueError(f"data must be 1-D (a flat buffer), got shape {tuple(data.shape)}")
-        offsets = torch.as_tensor(self.offsets, dtype=torch.int64).cpu().reshape(-1)
-        sizes = torch.as_tensor(self.sizes, dtype=torch.int64).cpu()
-        if sizes.dim() != 2 or sizes.shape[1] != 2:
-            raise ValueError(f"sizes must have shape (N, 2), got {tuple(sizes.shape)}")
-        if offsets.shape[0] != sizes.shape[0]:
-            raise ValueError(f"offsets has {offsets.shape[0]} entries but sizes has {sizes.shape[0]}")
-        if sizes.shape[0] == 0:
+        # Host metadata as Python ints: cheap to validate, and constants under torch.compile.
+        offsets = _host_ints(self.offsets, "offsets")
+        sizes = _host_ints(self.sizes, "sizes")
+        if not sizes:
             raise ValueError("an ImageBatch needs at least one image")
-        bad = (sizes <= 0).any(dim=1).nonzero()
-        if bad.numel():
-            i = int(bad[0])
-            raise ValueError(f"sizes[{i}] = {tuple(sizes[i].tolist())}: an image needs at least one pixel")
-        ends = offsets + sizes[:, 0] * sizes[:, 1] * 3
-        bad = ((offsets < 0) | (ends > data.numel())).nonzero()
-        if bad.numel():
-            i = int(bad[0])
-            raise ValueError(
-                f"offsets[{i}] = {int(offsets[i])} with sizes[{i}] = {tuple(sizes[i].tolist())} reads elements "
-                f"[{int(offsets[i])}, {int(ends[i])}) outside data (numel {data.numel()})"
-            )
+        if any(not isinstance(hw, list) or len(hw) != 2 for hw in sizes):
+            raise ValueError("sizes must hold one (H, W) pair per image")
+        if any(isinstance(o, list) for o in offsets) or len(offsets) != len(sizes):
+            raise ValueError(f"offsets has {len(offsets)} entries but sizes has {len(sizes)}: need one int per image")
+        for i, ((h, w), start) in enumerate(zip(sizes, offsets, strict=True)):
+            if h <= 0 or w <= 0:
+                raise ValueError(f"sizes[{i}] = {(h, w)}: an image needs at least one pixel")
+            if start < 0 or start + h * w * 3 > data.numel():
+                raise ValueError(
+                    f"offsets[{i}] = {start} with sizes[{i}] = {(h, w)} reads elements [{start}, "
+                    f"{start + h * w * 3}) outside data (numel {data.numel()})"
+                )
         object.__setattr__(self, "data", data.contiguous())
-        object.__setattr__(self, "offsets", offsets)
-        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "offsets", tuple(offsets))
+        object.__setattr__(self, "sizes", tuple((h, w) for h, w in sizes))
 
     @classmethod
     def from_images(cls, images: Sequence[torch.Tensor]) -> ImageBatch:
@@ -241,16 +238,28 @@ class ImageBatch:
         for n in numels[:-1]:
             offsets.append(offsets[-1] + n)
         data = torch.cat([img.reshape(-1) for img in images])
-        return cls(data, torch.tensor(offsets), torch.tensor([tuple(img.shape[:2]) for img in images]))
+        return cls(data, tuple(offsets), tuple((img.shape[0], img.shape[1]) for img in images))
 
     def __len__(self) -> int:
-        return self.sizes.shape[0]
+        return len(self.sizes)
 
     def image(self, i: int) -> torch.Tensor:
         """Image `i` as a uint8 ``(H, W, 3)`` view of the buffer."""
-        h, w = self.sizes[i].tolist()
-        start = int(self.offsets[i])
+        h, w = self.sizes[i]
+        start = self.offsets[i]
         return self.data[start : start + h * w * 3].view(h, w, 3)
+
+
+def _host_ints(value, name: str) -> list:
+    """A (nested) list of Python ints from a sequence or tensor of integers."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must hold integers, got {value.dtype}")
+        return value.tolist()
+    try:
+        return [_host_ints(v, name) if isinstance(v, (Sequence, torch.Tensor)) else int(v) for v in value]
+    except TypeError as exc:
+        raise TypeError(f"{name} must be a sequence of integers, got {value!r}") from exc
 
 
 def _normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -266,6 +275,19 @@ def _normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[list[fl
 # ----------------------------------------------------------------------------------------------------
 # 1. Reference: the obvious multi-step way (resize the float image, normalise, pad, crop).
 # ----------------------------------------------------------------------------------------------------
+
+
+def _resize_antialias(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """F.interpolate(bilinear, antialias) of a ``(1, C, H, W)`` float image to ``size``.
+
+    PyTorch's CPU kernel repeats its first output row for every row when it resizes rows at width 1
+    (torch 2.14: a (296, 1) column resized to (5, 1) gives five copies of row 0; the global view of a
+    296x10 image is 25x1). Resizing the transpose computes the same function without that pass.
+    """
+    if size[1] == 1 and size[0] != x.shape[2]:
+        x = F.interpolate(x.transpose(2, 3), size=size[::-1], mode="bilinear", antialias=True, align_corners=False)
+        return x.transpose(2, 3)
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def tile_gather_ref(
@@ -285,8 +307,7 @@ def tile_gather_ref(
     std_t = torch.tensor(std, dtype=compute, device=batch.data.device).view(1, 3, 1, 1)
 
     def resized_padded(image: torch.Tensor, size: tuple[int, int], side: int) -> torch.Tensor:
-        x = image.permute(2, 0, 1).unsqueeze(0).to(compute)
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = _resize_antialias(image.permute(2, 0, 1).unsqueeze(0).to(compute), size)
         x = (x / 255.0 - mean_t) / std_t
         return F.pad(x, (0, side - size[1], 0, side - size[0]))  # normalised mean colour is 0
 
@@ -296,7 +317,7 @@ def tile_gather_ref(
         image = batch.image(i)
         views.append(resized_padded(image, plan.global_sizes[i], t))
         full = resized_padded(image, plan.resized_sizes[i], canvas)
-        for r, c in plan.kept[i].nonzero().tolist():
+        for r, c in plan.kept_tiles(i):
             views.append(full[:, :, r * t : (r + 1) * t, c * t : (c + 1) * t])
     return torch.cat(views).to(dtype)
 
@@ -383,7 +404,7 @@ def _tile_gather_fwd_kernel(
             acc_g += w * tl.load(ptr + 1, mask=mask, other=0).to(tl.float32)
             acc_b += w * tl.load(ptr + 2, mask=mask, other=0).to(tl.float32)
 
-    norm = 1.0 / (total_y[:, None] * total_x[None, :])
+    norm = 1.0 / tl.where(inside, total_y[:, None] * total_x[None, :], 1.0)
     dst = out_ptr + view.to(tl.int64) * (3 * TILE * TILE) + ys[:, None] * TILE + xs[None, :]
     # Padding (outside the resized image) is the mean colour: exactly 0 after normalisation.
     tl.store(dst, tl.where(inside, acc_r * norm * scale0 + shift0, 0.0), mask=in_tile)
