@@ -12,7 +12,7 @@ export CUDA_HOME MAX_JOBS
 
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) csrc/build.json
 
-.PHONY: venv build test lint demo bench clean
+.PHONY: venv build test lint demo bench cmake clean
 
 venv: $(VENV)/.stamp-install
 
@@ -42,6 +42,12 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench_tiles.py
+
+# The standalone CMake build of the same sources (csrc/build.json) into build/cmake.
+cmake: venv
+	$(VENV)/bin/cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
+		$(if $(CUDA_HOME),-DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc,-DSPHINX_KERNELS_CUDA=OFF)
+	$(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)
 
 clean:
 	rm -rf build sphinx_kernels/_C*.so $(VENV)/.stamp-build
