@@ -103,7 +103,9 @@ def run(n_images: int, canvas: int, grid: int, repeats: int, device: str) -> lis
         seconds = median_seconds(fn, device, repeats=repeats)
         gbps = (bytes_in + bytes_out) / seconds / 1e9
         note = f"{plan.num_views / seconds:.0f} views/s"
-        rows.append(Row("tiles", case, name, shape, seconds, gbps, "GB/s", ceiling and round(ceiling, 1), note))
+        rows.append(
+            Row("tiles", case, name, shape, seconds, gbps, "GB/s", ceiling and round(ceiling, 1), note)
+        )
     return rows
 
 
@@ -121,7 +123,9 @@ def report_skipping(n_images: int, canvas: int, grid: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--canvas", type=int, default=448)
     parser.add_argument("--grid", type=int, default=2)

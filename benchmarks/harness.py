@@ -40,8 +40,9 @@ def environment() -> dict[str, str]:
     }
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device | str = "cpu", *, repeats: int = 10,
-                   warmup: int = 2) -> float:
+def median_seconds(
+    fn: Callable[[], object], device: torch.device | str = "cpu", *, repeats: int = 10, warmup: int = 2
+) -> float:
     """Median wall time of `fn()` in seconds (do_bench on CUDA, repeated runs on CPU)."""
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench

@@ -85,7 +85,9 @@ def _status(name: str) -> BackendStatus:
         if name == "cpu":
             return BackendStatus(name, True, "C++ CPU kernels in sphinx_kernels._C")
         if not torch._C._dispatch_has_kernel_for_dispatch_key("sphinx_kernels::tile_gather_out", "CUDA"):
-            return BackendStatus(name, False, "extension built without CUDA (no nvcc, or SPHINX_KERNELS_CUDA=0)")
+            return BackendStatus(
+                name, False, "extension built without CUDA (no nvcc, or SPHINX_KERNELS_CUDA=0)"
+            )
         if not cuda:
             return BackendStatus(name, False, "CUDA kernels built, but no CUDA device is visible")
         return BackendStatus(name, True, "CUDA kernels in sphinx_kernels._C")
@@ -138,7 +140,10 @@ def _runs_on(name: str, device: torch.device, op: str) -> tuple[bool, str]:
         if device.type != "cpu":
             return False, f"the cpu backend runs on CPU tensors, got {device.type}"
         if not extension_has_kernel(op, "CPU"):
-            return False, status.reason if not status.available else f"no CPU kernel for {op} in the extension"
+            return (
+                False,
+                status.reason if not status.available else f"no CPU kernel for {op} in the extension",
+            )
         return True, status.reason
     if name == "cuda":
         if device.type != "cuda":
@@ -165,8 +170,14 @@ def _runs_on(name: str, device: torch.device, op: str) -> tuple[bool, str]:
 # Decided at trace time under torch.compile (the result is a constant of the graph): backend choice
 # reads the environment and the extension registry, neither of which dynamo can or should trace.
 @torch.compiler.assume_constant_result
-def select(family: str, candidates: tuple[str, ...], device: torch.device, *, op: str = "",
-           backend: str | None = None) -> str:
+def select(
+    family: str,
+    candidates: tuple[str, ...],
+    device: torch.device,
+    *,
+    op: str = "",
+    backend: str | None = None,
+) -> str:
     """Pick the backend for one call of op family `family`.
 
     `candidates`: the family's backends in preference order; `op`: the extension op whose CPU/CUDA kernels

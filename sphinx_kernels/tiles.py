@@ -113,7 +113,11 @@ class TilePlan:
 
     def kept_tiles(self, image: int) -> list[tuple[int, int]]:
         """``(r, c)`` of image `image`'s kept tiles, row-major (host ints, no tensor read)."""
-        return [(r, c) for (i, *_), (r, c) in zip(self._geometry, self._tiles, strict=True) if i == image and r >= 0]
+        return [
+            (r, c)
+            for (i, *_), (r, c) in zip(self._geometry, self._tiles, strict=True)
+            if i == image and r >= 0
+        ]
 
     def visual_tokens(self, tokens_per_view: int, *, delimiters_per_view: int = 2) -> list[int]:
         """Sequence positions each image takes in the LLM: per kept view its encoder tokens plus the
@@ -121,7 +125,9 @@ class TilePlan:
         per_view = tokens_per_view + delimiters_per_view
         return [n * per_view + s for n, s in zip(self.views_per_image, self.skipped_per_image, strict=True)]
 
-    def view_table(self, offsets: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    def view_table(
+        self, offsets: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """int64 ``(V, 7)`` kernel table (columns `VIEW_COLUMNS`), given each image's byte offset."""
         offsets = _host_ints(offsets, "offsets")
         if len(offsets) != self.num_images:
@@ -201,7 +207,9 @@ class ImageBatch:
         if any(not isinstance(hw, list) or len(hw) != 2 for hw in sizes):
             raise ValueError("sizes must hold one (H, W) pair per image")
         if any(isinstance(o, list) for o in offsets) or len(offsets) != len(sizes):
-            raise ValueError(f"offsets has {len(offsets)} entries but sizes has {len(sizes)}: need one int per image")
+            raise ValueError(
+                f"offsets has {len(offsets)} entries but sizes has {len(sizes)}: need one int per image"
+            )
         for i, ((h, w), start) in enumerate(zip(sizes, offsets, strict=True)):
             if h <= 0 or w <= 0:
                 raise ValueError(f"sizes[{i}] = {(h, w)}: an image needs at least one pixel")
@@ -227,7 +235,11 @@ class ImageBatch:
             if img.dtype != torch.uint8:
                 raise TypeError(f"images[{i}] must be uint8 (raw pixels), got {img.dtype}")
             if img.dim() != 3 or img.shape[2] != 3:
-                hint = " (channels first? use img.permute(1, 2, 0))" if img.dim() == 3 and img.shape[0] == 3 else ""
+                hint = (
+                    " (channels first? use img.permute(1, 2, 0))"
+                    if img.dim() == 3 and img.shape[0] == 3
+                    else ""
+                )
                 raise ValueError(f"images[{i}] must have shape (H, W, 3) RGB, got {tuple(img.shape)}{hint}")
             if img.shape[0] == 0 or img.shape[1] == 0:
                 raise ValueError(f"images[{i}] has zero size {tuple(img.shape)}")
@@ -285,7 +297,9 @@ def _resize_antialias(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     296x10 image is 25x1). Resizing the transpose computes the same function without that pass.
     """
     if size[1] == 1 and size[0] != x.shape[2]:
-        x = F.interpolate(x.transpose(2, 3), size=size[::-1], mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x.transpose(2, 3), size=size[::-1], mode="bilinear", antialias=True, align_corners=False
+        )
         return x.transpose(2, 3)
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 

@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sphinx_kernels as sk
-from sphinx_kernels import CLIP_MEAN, CLIP_STD, ImageBatch, plan_tiles, tile_gather, tile_gather_ref
-from sphinx_kernels import _backend
+from sphinx_kernels import CLIP_MEAN, CLIP_STD, ImageBatch, _backend, plan_tiles, tile_gather, tile_gather_ref
 
 # The odd sizes: 1x1, a 1-pixel line, tiny, prime-ish, strong downscale, upscale.
 ODD_SIZES = [(1, 1), (1, 500), (3, 5), (479, 641), (2000, 3000), (60, 100)]
@@ -186,7 +185,9 @@ def test_reference_matches_explicit_weights(seed, size):
     torch.testing.assert_close(views[0, :, :gh, :gw], expected, rtol=0, atol=1e-9)
     rh, rw = plan.resized_sizes[0]
     full = (separable_resample(image, (rh, rw)) / 255 - mean) / std
-    torch.testing.assert_close(views[1, :, : min(rh, 224), : min(rw, 224)], full[:, :224, :224], rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        views[1, :, : min(rh, 224), : min(rw, 224)], full[:, :224, :224], rtol=0, atol=1e-9
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +197,9 @@ def test_reference_matches_explicit_weights(seed, size):
 
 def run_poisoned(images, backend, dtype, canvas=448, grid=2, **kwargs):
     plan = plan_tiles([img.shape[:2] for img in images], canvas, grid)
-    out = torch.full((plan.num_views, 3, plan.tile, plan.tile), float("nan"), dtype=dtype, device=images[0].device)
+    out = torch.full(
+        (plan.num_views, 3, plan.tile, plan.tile), float("nan"), dtype=dtype, device=images[0].device
+    )
     views, plan2 = tile_gather(images, canvas, grid, dtype=dtype, out=out, backend=backend, **kwargs)
     assert views.data_ptr() == out.data_ptr()
     assert plan2.views_per_image == plan.views_per_image
@@ -302,7 +305,11 @@ def good():
     "call, error, match",
     [
         (lambda: tile_gather([good().float()]), TypeError, r"images\[0\] must be uint8"),
-        (lambda: tile_gather([good(), torch.zeros(3, 8, 8, dtype=torch.uint8)]), ValueError, "channels first"),
+        (
+            lambda: tile_gather([good(), torch.zeros(3, 8, 8, dtype=torch.uint8)]),
+            ValueError,
+            "channels first",
+        ),
         (lambda: tile_gather([torch.zeros(8, 8, 4, dtype=torch.uint8)]), ValueError, r"\(H, W, 3\)"),
         (lambda: tile_gather([torch.zeros(0, 8, 3, dtype=torch.uint8)]), ValueError, "zero size"),
         (lambda: tile_gather([]), ValueError, "images is empty"),
@@ -313,14 +320,38 @@ def good():
         (lambda: tile_gather([good()], std=(1.0, 0.0, 1.0)), ValueError, "std must be positive"),
         (lambda: tile_gather([good()], mean=(0.5, 0.5)), ValueError, "mean and std need 3"),
         (lambda: tile_gather([good()], backend="bogus"), ValueError, "does not implement tiles"),
-        (lambda: tile_gather([good()], out=torch.empty(5, 3, 224, 224, dtype=torch.float16)), ValueError, "out must"),
-        (lambda: tile_gather([good()], out=torch.empty(4, 3, 224, 224)), ValueError, r"out must be .*\(5, 3, 224"),
+        (
+            lambda: tile_gather([good()], out=torch.empty(5, 3, 224, 224, dtype=torch.float16)),
+            ValueError,
+            "out must",
+        ),
+        (
+            lambda: tile_gather([good()], out=torch.empty(4, 3, 224, 224)),
+            ValueError,
+            r"out must be .*\(5, 3, 224",
+        ),
         (lambda: ImageBatch(torch.zeros(100, dtype=torch.uint8), [0], [(8, 8)]), ValueError, r"offsets\[0\]"),
-        (lambda: ImageBatch(torch.zeros(300, dtype=torch.uint8), [-1], [(2, 2)]), ValueError, r"offsets\[0\]"),
-        (lambda: ImageBatch(torch.zeros(300, dtype=torch.uint8), [0, 1], [(2, 2)]), ValueError, "offsets has 2"),
+        (
+            lambda: ImageBatch(torch.zeros(300, dtype=torch.uint8), [-1], [(2, 2)]),
+            ValueError,
+            r"offsets\[0\]",
+        ),
+        (
+            lambda: ImageBatch(torch.zeros(300, dtype=torch.uint8), [0, 1], [(2, 2)]),
+            ValueError,
+            "offsets has 2",
+        ),
         (lambda: ImageBatch(torch.zeros(300, dtype=torch.uint8), [0], [(0, 2)]), ValueError, r"sizes\[0\]"),
-        (lambda: ImageBatch(torch.zeros(300, dtype=torch.float32), [0], [(2, 2)]), TypeError, "data must be uint8"),
-        (lambda: ImageBatch(torch.zeros(3, 100, dtype=torch.uint8), [0], [(2, 2)]), ValueError, "data must be 1-D"),
+        (
+            lambda: ImageBatch(torch.zeros(300, dtype=torch.float32), [0], [(2, 2)]),
+            TypeError,
+            "data must be uint8",
+        ),
+        (
+            lambda: ImageBatch(torch.zeros(3, 100, dtype=torch.uint8), [0], [(2, 2)]),
+            ValueError,
+            "data must be 1-D",
+        ),
         (lambda: ImageBatch(torch.zeros(300, dtype=torch.uint8), [], []), ValueError, "at least one image"),
         (lambda: plan_tiles([]), ValueError, "at least one image"),
         (lambda: plan_tiles([(0, 5)]), ValueError, r"sizes\[0\]"),
@@ -357,9 +388,13 @@ def test_opcheck(seed, backend):
     table = plan.view_table(batch.offsets)
     scale, shift = sk.tiles._normalisation(CLIP_MEAN, CLIP_STD)
     out = torch.empty(plan.num_views, 3, 16, 16)
-    torch.library.opcheck(torch.ops.sphinx_kernels.tile_gather.default, (batch.data, table, scale, shift, backend, out))
+    torch.library.opcheck(
+        torch.ops.sphinx_kernels.tile_gather.default, (batch.data, table, scale, shift, backend, out)
+    )
     if backend == "cpu":
-        torch.library.opcheck(torch.ops.sphinx_kernels.tile_gather_out.default, (batch.data, table, scale, shift, out))
+        torch.library.opcheck(
+            torch.ops.sphinx_kernels.tile_gather_out.default, (batch.data, table, scale, shift, out)
+        )
 
 
 # ------------------------------------------------------------------------------------------------
