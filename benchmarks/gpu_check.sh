@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (device tool, H200 image: python3 with torch 2.11 / triton 3.6 / nvcc 13,
+# pytest and hypothesis; no internet). Builds the extension for sm_90a only, runs the GPU tests and every
+# benchmark, and leaves logs and CSV rows under $OUT. Run from the repository root:
+#   run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+PY=${PYTHON:-python3}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$OUT/env.txt" 2>&1
+
+start=$(date +%s)
+$PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s" >> "$OUT/env.txt"
+$PY -c "import sphinx_kernels as sk; print(*sk.backends().values(), sep='\n')" >> "$OUT/env.txt" 2>&1
+
+# GPU tests first (correctness before speed), then the CPU suite's device-parametrised tests on CUDA.
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests > "$OUT/tests_gpu.log" 2>&1
+echo "gpu tests rc=$?" >> "$OUT/env.txt"
+timeout 120 $PY -m pytest -q -p no:cacheprovider -k "cuda" tests > "$OUT/tests_cuda_param.log" 2>&1
+echo "cuda-parametrised tests rc=$?" >> "$OUT/env.txt"
+
+for bench in benchmarks/bench_*.py; do
+  timeout 120 $PY "$bench" > "$OUT/$(basename "$bench" .py).txt" 2>&1
+  echo "$bench rc=$?" >> "$OUT/env.txt"
+done
+cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
+cat "$OUT/env.txt"
+tail -5 "$OUT"/tests_*.log
