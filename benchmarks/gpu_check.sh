@@ -4,7 +4,9 @@
 # benchmark, and leaves logs and CSV rows under $OUT. Run from the repository root:
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_check}
+FINAL=${OUT:-/tmp/gpu_check}
+# The device tool returns at most 8 files: logs go to a work folder, packed into one tarball at the end.
+OUT=$FINAL/work
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python3}
@@ -29,5 +31,6 @@ for bench in benchmarks/bench_*.py; do
   echo "$bench rc=$?" >> "$OUT/env.txt"
 done
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
-cat "$OUT/env.txt"
-tail -5 "$OUT"/tests_*.log
+cp "$OUT/env.txt" "$FINAL/summary.txt"
+tar czf "$FINAL/gpu_check.tgz" -C "$FINAL" work && rm -rf "$OUT"
+cat "$FINAL/summary.txt"
