@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "resample.h"
@@ -60,6 +61,9 @@ __attribute__((target_clones("avx2", "default"))) void blend_rows(const uint8_t*
   }
 }
 
+// r, g, b (+ one spare lane) of a pixel: GCC/Clang vector extension, one SSE register.
+typedef float Pixel __attribute__((vector_size(16)));
+
 struct View {
   const int64_t* row;  // the view's row of the table
   AxisTaps ys, xs;
@@ -102,7 +106,7 @@ void gather_views(const uint8_t* data, const int64_t* table, int64_t num_views, 
       if (y < view.ny && view.nx > 0) {
         const int64_t width = view.row[kWidth];
         const uint8_t* image = data + view.row[kOffset];
-        acc.resize(view.cols * 3);
+        acc.resize(view.cols * 3 + 1);
         const int64_t ty = view.ys.max_taps;
         blend_rows(image + (view.ys.start[y] * width + view.col_lo) * 3, width * 3, &view.ys.weights[y * ty],
                    view.ys.count[y], view.cols * 3, acc.data());
@@ -110,15 +114,17 @@ void gather_views(const uint8_t* data, const int64_t* table, int64_t num_views, 
         for (; x < view.nx; ++x) {
           const float* w = &view.xs.weights[x * tx];
           const float* src = acc.data() + (view.xs.start[x] - view.col_lo) * 3;
-          float r = 0.0f, g = 0.0f, b = 0.0f;
+          // One 4-lane multiply-add per tap: lanes r, g, b and the next pixel's r (ignored); the row
+          // buffer has one float of slack so the last tap's 4th lane stays in bounds.
+          Pixel sum = {0.0f, 0.0f, 0.0f, 0.0f};
           for (int64_t j = 0; j < view.xs.count[x]; ++j) {
-            r += w[j] * src[3 * j];
-            g += w[j] * src[3 * j + 1];
-            b += w[j] * src[3 * j + 2];
+            Pixel p;
+            std::memcpy(&p, src + 3 * j, sizeof(p));
+            sum += w[j] * p;
           }
-          dst[x] = static_cast<scalar_t>(r * scale[0] + shift[0]);
-          dst[plane + x] = static_cast<scalar_t>(g * scale[1] + shift[1]);
-          dst[2 * plane + x] = static_cast<scalar_t>(b * scale[2] + shift[2]);
+          dst[x] = static_cast<scalar_t>(sum[0] * scale[0] + shift[0]);
+          dst[plane + x] = static_cast<scalar_t>(sum[1] * scale[1] + shift[1]);
+          dst[2 * plane + x] = static_cast<scalar_t>(sum[2] * scale[2] + shift[2]);
         }
       }
       // Padding is the mean colour, which normalises to exactly 0.
