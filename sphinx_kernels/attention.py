@@ -59,7 +59,9 @@ def _check_attention_args(q, k, v, cu_seqlens, max_seqlen) -> None:
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share a dtype")
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; q, k and v must share a device")
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}; q, k and v must share a device"
+            )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
@@ -68,7 +70,9 @@ def _check_attention_args(q, k, v, cu_seqlens, max_seqlen) -> None:
         )
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv:
-        raise ValueError(f"q's heads ({hq}) must be a multiple of k/v's heads ({hkv}) (grouped-query attention)")
+        raise ValueError(
+            f"q's heads ({hq}) must be a multiple of k/v's heads ({hkv}) (grouped-query attention)"
+        )
     if q.shape[2] == 0:
         raise ValueError("head_dim must be at least 1")
     if cu_seqlens.dtype != torch.int32:
@@ -149,8 +153,8 @@ def rotary_inv_freq(head_dim: int, theta: float, device: torch.device | str = "c
 def apply_rotary_ref(x: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """Llama rotary embedding (rotate-half convention), plain PyTorch. Shapes as `apply_rotary`.
 
-    Angles in float32 (``position * inv_freq``), cos/sin cast to x's dtype, then ``x*cos + rotate_half(x)*sin``
-    in x's dtype: the Hugging Face computation.
+    Angles in float32 (``position * inv_freq``), cos/sin cast to x's dtype, then
+    ``x*cos + rotate_half(x)*sin`` in x's dtype: the Hugging Face computation.
     """
     inv_freq = rotary_inv_freq(x.shape[-1], theta, x.device)
     freqs = position_ids.to(torch.float32)[:, None] * inv_freq[None, :]
@@ -221,8 +225,11 @@ def _varlen_attention_fwd_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keys_ok = offs_n < seq_len
         kt = _load_tile(
-            k_base + offs_n[None, :] * stride_kt + offs_d[:, None], keys_ok[None, :], cols_ok[:, None],
-            MASKED, not EVEN_D,
+            k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+            keys_ok[None, :],
+            cols_ok[:, None],
+            MASKED,
+            not EVEN_D,
         )
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -236,8 +243,11 @@ def _varlen_attention_fwd_inner(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(
-            v_base + offs_n[:, None] * stride_vt + offs_d[None, :], keys_ok[:, None], cols_ok[None, :],
-            MASKED, not EVEN_D,
+            v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
+            keys_ok[:, None],
+            cols_ok[None, :],
+            MASKED,
+            not EVEN_D,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -288,7 +298,10 @@ def _varlen_attention_fwd_kernel(
     cols_ok = offs_d < HEAD_DIM
     q = _load_tile(
         Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-        rows_ok[:, None], cols_ok[None, :], True, not EVEN_D,
+        rows_ok[:, None],
+        cols_ok[None, :],
+        True,
+        not EVEN_D,
     )
     k_base = K + start * stride_kt + kv_head * stride_kh
     v_base = V + start * stride_vt + kv_head * stride_vh
@@ -305,12 +318,48 @@ def _varlen_attention_fwd_kernel(
         hi = seq_len
         full_end = seq_len // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _varlen_attention_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, seq_len, 0, full_end, qk_scale,
-        HEAD_DIM, BLOCK_N, EVEN_D, CAUSAL, False, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        seq_len,
+        0,
+        full_end,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        EVEN_D,
+        CAUSAL,
+        False,
+        DOT_PRECISION,
     )
     acc, l_i, m_i = _varlen_attention_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, seq_len, full_end, hi, qk_scale,
-        HEAD_DIM, BLOCK_N, EVEN_D, CAUSAL, True, DOT_PRECISION,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        seq_len,
+        full_end,
+        hi,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        EVEN_D,
+        CAUSAL,
+        True,
+        DOT_PRECISION,
     )
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows past the sequence end are never stored
     acc = acc / l_safe[:, None]
@@ -323,8 +372,18 @@ def _varlen_attention_fwd_kernel(
 
 @triton.jit
 def _varlen_attention_bwd_preprocess_kernel(
-    O, DO, DELTA, num_tokens, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    num_tokens,
+    stride_ot,
+    stride_oh,
+    stride_dot,
+    stride_doh,
+    stride_dh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """delta[h, t] = sum_d out[t, h, d] * dout[t, h, d] (fp32), the softmax-backward row term."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -333,7 +392,9 @@ def _varlen_attention_bwd_preprocess_kernel(
     mask = (offs_t < num_tokens)[:, None] & (offs_d < HEAD_DIM)[None, :]
     offs_t64 = offs_t.to(tl.int64)
     o = tl.load(O + offs_t64[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + offs_t64[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(
+        DO + offs_t64[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + head * stride_dh + offs_t, delta, mask=offs_t < num_tokens)
 
@@ -368,12 +429,18 @@ def _varlen_attention_bwd_dkdv_inner(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_ok = offs_m < seq_len
         q = _load_tile(
-            q_base + offs_m[:, None] * stride_qt + offs_d[None, :], rows_ok[:, None], cols_ok[None, :],
-            MASKED, not EVEN_D,
+            q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+            rows_ok[:, None],
+            cols_ok[None, :],
+            MASKED,
+            not EVEN_D,
         )
         do = _load_tile(
-            do_base + offs_m[:, None] * stride_dot + offs_d[None, :], rows_ok[:, None], cols_ok[None, :],
-            MASKED, not EVEN_D,
+            do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
+            rows_ok[:, None],
+            cols_ok[None, :],
+            MASKED,
+            not EVEN_D,
         )
         if MASKED:
             lse2 = tl.load(lse_base + offs_m, mask=rows_ok, other=0.0) * 1.4426950408889634
@@ -447,11 +514,17 @@ def _varlen_attention_bwd_dkdv_kernel(
     cols_ok = offs_d < HEAD_DIM
     k = _load_tile(
         K + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-        keys_ok[:, None], cols_ok[None, :], True, not EVEN_D,
+        keys_ok[:, None],
+        cols_ok[None, :],
+        True,
+        not EVEN_D,
     )
     v = _load_tile(
         V + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-        keys_ok[:, None], cols_ok[None, :], True, not EVEN_D,
+        keys_ok[:, None],
+        cols_ok[None, :],
+        True,
+        not EVEN_D,
     )
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -472,29 +545,88 @@ def _varlen_attention_bwd_dkdv_kernel(
         lse_base = LSE + head * stride_lh + start
         delta_base = DELTA + head * stride_lh + start
         dk, dv = _varlen_attention_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
-            seq_len, lo, tl.minimum(f0, end), qk_scale,
-            HEAD_DIM, BLOCK_M, EVEN_D, CAUSAL, True, DOT_PRECISION,
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_dot,
+            offs_n,
+            offs_d,
+            seq_len,
+            lo,
+            tl.minimum(f0, end),
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            EVEN_D,
+            CAUSAL,
+            True,
+            DOT_PRECISION,
         )
         dk, dv = _varlen_attention_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
-            seq_len, f0, f1, qk_scale,
-            HEAD_DIM, BLOCK_M, EVEN_D, CAUSAL, False, DOT_PRECISION,
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_dot,
+            offs_n,
+            offs_d,
+            seq_len,
+            f0,
+            f1,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            EVEN_D,
+            CAUSAL,
+            False,
+            DOT_PRECISION,
         )
         dk, dv = _varlen_attention_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
-            seq_len, f1, end, qk_scale,
-            HEAD_DIM, BLOCK_M, EVEN_D, CAUSAL, True, DOT_PRECISION,
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_dot,
+            offs_n,
+            offs_d,
+            seq_len,
+            f1,
+            end,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_M,
+            EVEN_D,
+            CAUSAL,
+            True,
+            DOT_PRECISION,
         )
     dk = dk * sm_scale
     mask = keys_ok[:, None] & cols_ok[None, :]
     tl.store(
         DK + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-        dk.to(DK.dtype.element_ty), mask=mask,
+        dk.to(DK.dtype.element_ty),
+        mask=mask,
     )
     tl.store(
         DV + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-        dv.to(DV.dtype.element_ty), mask=mask,
+        dv.to(DV.dtype.element_ty),
+        mask=mask,
     )
 
 
@@ -527,12 +659,18 @@ def _varlen_attention_bwd_dq_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keys_ok = offs_n < seq_len
         k = _load_tile(
-            k_base + offs_n[:, None] * stride_kt + offs_d[None, :], keys_ok[:, None], cols_ok[None, :],
-            MASKED, not EVEN_D,
+            k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
+            keys_ok[:, None],
+            cols_ok[None, :],
+            MASKED,
+            not EVEN_D,
         )
         v = _load_tile(
-            v_base + offs_n[:, None] * stride_vt + offs_d[None, :], keys_ok[:, None], cols_ok[None, :],
-            MASKED, not EVEN_D,
+            v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
+            keys_ok[:, None],
+            cols_ok[None, :],
+            MASKED,
+            not EVEN_D,
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
@@ -596,11 +734,17 @@ def _varlen_attention_bwd_dq_kernel(
     cols_ok = offs_d < HEAD_DIM
     q = _load_tile(
         Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-        rows_ok[:, None], cols_ok[None, :], True, not EVEN_D,
+        rows_ok[:, None],
+        cols_ok[None, :],
+        True,
+        not EVEN_D,
     )
     do = _load_tile(
         DO + (start + offs_m)[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-        rows_ok[:, None], cols_ok[None, :], True, not EVEN_D,
+        rows_ok[:, None],
+        cols_ok[None, :],
+        True,
+        not EVEN_D,
     )
     lse2 = tl.load(LSE + head * stride_lh + start + offs_m, mask=rows_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * stride_lh + start + offs_m, mask=rows_ok, other=0.0)
@@ -615,17 +759,56 @@ def _varlen_attention_bwd_dq_kernel(
         hi = seq_len
         full_end = seq_len // BLOCK_N * BLOCK_N
     dq = _varlen_attention_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, seq_len, 0, full_end,
-        qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, CAUSAL, False, DOT_PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        seq_len,
+        0,
+        full_end,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        EVEN_D,
+        CAUSAL,
+        False,
+        DOT_PRECISION,
     )
     dq = _varlen_attention_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, seq_len, full_end, hi,
-        qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, CAUSAL, True, DOT_PRECISION,
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        seq_len,
+        full_end,
+        hi,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        EVEN_D,
+        CAUSAL,
+        True,
+        DOT_PRECISION,
     )
     dq = dq * sm_scale
     tl.store(
         DQ + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=rows_ok[:, None] & cols_ok[None, :],
     )
 
 
@@ -742,7 +925,12 @@ def _blocks(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
 
 
 def _varlen_attention_fwd_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -756,13 +944,32 @@ def _varlen_attention_fwd_triton(
     items = _work_items(cu_seqlens, max_seqlen, num_tokens, blocks["fwd_m"], causal, keys=False)
     grid = (items.shape[0] * num_heads,)
     args = (
-        q, k, v, out, lse, cu_seqlens, items, softmax_scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        items,
+        softmax_scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
     )
     meta = dict(
-        NUM_HEADS=num_heads, GROUP=num_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d,
-        EVEN_D=block_d == head_dim, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        NUM_HEADS=num_heads,
+        GROUP=num_heads // k.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        EVEN_D=block_d == head_dim,
+        CAUSAL=causal,
+        DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=blocks["fwd_m"],
     )
     if _backend.triton_interpreting():
@@ -773,8 +980,16 @@ def _varlen_attention_fwd_triton(
 
 
 def _varlen_attention_bwd_triton(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, softmax_scale: float,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
     num_tokens, num_heads, head_dim = q.shape
@@ -791,21 +1006,56 @@ def _varlen_attention_bwd_triton(
     delta = torch.empty_like(lse)
     block_t = 16 if interpreting else 64
     _varlen_attention_bwd_preprocess_kernel[(triton.cdiv(num_tokens, block_t), num_heads)](
-        out, dout, delta, num_tokens, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        delta.stride(0), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t,
+        out,
+        dout,
+        delta,
+        num_tokens,
+        out.stride(0),
+        out.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        delta.stride(0),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_T=block_t,
     )
     common = dict(
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-        CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        EVEN_D=block_d == head_dim,
+        CAUSAL=causal,
+        DOT_PRECISION=_dot_precision(q.dtype),
     )
     scales = (softmax_scale * LOG2E, softmax_scale)
 
     items = _work_items(cu_seqlens, max_seqlen, num_tokens, blocks["dkdv_n"], causal, keys=True)
     grid = (items.shape[0] * num_kv_heads,)
     args = (
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, items, *scales,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
-        dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        cu_seqlens,
+        items,
+        *scales,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        lse.stride(0),
     )
     meta = dict(NUM_KV_HEADS=num_kv_heads, **common, BLOCK_M=blocks["dkdv_m"], BLOCK_N=blocks["dkdv_n"])
     kernel = _varlen_attention_bwd_dkdv_kernel if interpreting else _gpu_kernels()["dkdv"]
@@ -814,9 +1064,27 @@ def _varlen_attention_bwd_triton(
     items = _work_items(cu_seqlens, max_seqlen, num_tokens, blocks["dq_m"], causal, keys=False)
     grid = (items.shape[0] * num_heads,)
     args = (
-        q, k, v, dout, lse, delta, dq, cu_seqlens, items, *scales,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
-        dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        cu_seqlens,
+        items,
+        *scales,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        dout.stride(0),
+        dout.stride(1),
+        dq.stride(0),
+        dq.stride(1),
+        lse.stride(0),
     )
     meta = dict(NUM_HEADS=num_heads, **common, BLOCK_M=blocks["dq_m"], BLOCK_N=blocks["dq_n"])
     kernel = _varlen_attention_bwd_dq_kernel if interpreting else _gpu_kernels()["dq"]
@@ -824,7 +1092,9 @@ def _varlen_attention_bwd_triton(
     return dq, dk, dv
 
 
-def _rotary_triton(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, sign: int) -> torch.Tensor:
+def _rotary_triton(
+    x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, sign: int
+) -> torch.Tensor:
     x = x if x.stride(-1) == 1 else x.contiguous()
     num_tokens, num_heads, head_dim = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -835,8 +1105,19 @@ def _rotary_triton(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.
     block_h = min(triton.next_power_of_2(num_heads), max(1, 4096 // (2 * block_half)))
     grid = (num_tokens, triton.cdiv(num_heads, block_h))
     _rotary_kernel[grid](
-        x, position_ids, inv_freq, out, num_heads, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        SIGN=sign, HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h,
+        x,
+        position_ids,
+        inv_freq,
+        out,
+        num_heads,
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        SIGN=sign,
+        HALF=half,
+        BLOCK_HALF=block_half,
+        BLOCK_H=block_h,
     )
     return out
 
@@ -856,7 +1137,7 @@ def _varlen_attention_fwd_op(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out (T, Hq, D) q.dtype, lse (Hq, T) float32)``; ``lse`` is the natural-log softmax normaliser."""
+    """Returns ``(out (T, Hq, D) q.dtype, lse (Hq, T) float32)``, lse the natural-log softmax normaliser."""
     return _varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
 
 
@@ -879,7 +1160,9 @@ def _varlen_attention_bwd_op(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale)
+    return _varlen_attention_bwd_triton(
+        dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale
+    )
 
 
 @_varlen_attention_bwd_op.register_fake
@@ -903,11 +1186,15 @@ def _varlen_attention_backward(ctx, dout, dlse):
     return dq, dk, dv, None, None, None, None
 
 
-_varlen_attention_fwd_op.register_autograd(_varlen_attention_backward, setup_context=_varlen_attention_setup_context)
+_varlen_attention_fwd_op.register_autograd(
+    _varlen_attention_backward, setup_context=_varlen_attention_setup_context
+)
 
 
 @torch.library.custom_op("sphinx_kernels::apply_rotary", mutates_args=())
-def _apply_rotary_op(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, sign: int) -> torch.Tensor:
+def _apply_rotary_op(
+    x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, sign: int
+) -> torch.Tensor:
     """Rotate ``x`` (T, H, D) by ``sign * position * inv_freq`` (rotate-half convention)."""
     return _rotary_triton(x, position_ids, inv_freq, sign)
 
@@ -1037,7 +1324,9 @@ def apply_rotary(
     if position_ids.dtype.is_floating_point or position_ids.dtype in (torch.bool, torch.complex64):
         raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
     if position_ids.shape != (x.shape[0],):
-        raise ValueError(f"position_ids must have shape ({x.shape[0]},) (one per token), got {tuple(position_ids.shape)}")
+        raise ValueError(
+            f"position_ids must have shape ({x.shape[0]},) (one per token), got {tuple(position_ids.shape)}"
+        )
     if position_ids.device != x.device:
         raise ValueError(f"position_ids is on {position_ids.device} but x is on {x.device}")
     if x.dtype == torch.float64:
