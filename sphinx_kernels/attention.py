@@ -818,6 +818,7 @@ def _rotary_kernel(
     POS,
     INV_FREQ,
     OUT,
+    num_tokens,
     num_heads,
     stride_xt,
     stride_xh,
@@ -826,27 +827,30 @@ def _rotary_kernel(
     SIGN: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    """One program per (token, block of heads): out = x*cos + rotate_half(x)*sin*SIGN; SIGN = -1 is the
-    inverse rotation, which is the backward (the rotation matrix is orthogonal)."""
-    token = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    """One program per block of tokens, looping over the heads: cos/sin are computed once per (token,
+    frequency) and reused by every head. out = x*cos + rotate_half(x)*sin*SIGN; SIGN = -1 is the inverse
+    rotation, i.e. the backward (the rotation is orthogonal)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_f = tl.arange(0, BLOCK_HALF)
+    tokens_ok = offs_t < num_tokens
     freq_ok = offs_f < HALF
-    mask = (offs_h < num_heads)[:, None] & freq_ok[None, :]
-    pos = tl.load(POS + token).to(tl.float32)
+    mask = tokens_ok[:, None] & freq_ok[None, :]
+    pos = tl.load(POS + offs_t, mask=tokens_ok, other=0).to(tl.float32)
     inv_freq = tl.load(INV_FREQ + offs_f, mask=freq_ok, other=0.0)
-    angle = pos * inv_freq  # float32, the same single rounding as Hugging Face's position @ inv_freq
-    # cos/sin rounded to x's dtype first, as Hugging Face does, then the rotation in float32.
-    cos = tl.cos(angle).to(X.dtype.element_ty).to(tl.float32)[None, :]
-    sin = tl.sin(angle).to(X.dtype.element_ty).to(tl.float32)[None, :] * SIGN
-    x_ptrs = X + token * stride_xt + offs_h[:, None] * stride_xh + offs_f[None, :]
-    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-    o_ptrs = OUT + token * stride_ot + offs_h[:, None] * stride_oh + offs_f[None, :]
-    tl.store(o_ptrs, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(o_ptrs + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
+    angle = pos[:, None] * inv_freq[None, :]  # float32, the single rounding of Hugging Face's product
+    # cos/sin rounded to x's dtype first, as Hugging Face does; the rotation itself in float32.
+    cos = tl.cos(angle).to(X.dtype.element_ty).to(tl.float32)
+    sin = tl.sin(angle).to(X.dtype.element_ty).to(tl.float32) * SIGN
+    offs_t64 = offs_t.to(tl.int64)
+    x_ptrs = X + offs_t64[:, None] * stride_xt + offs_f[None, :]
+    o_ptrs = OUT + offs_t64[:, None] * stride_ot + offs_f[None, :]
+    for h in range(0, num_heads):
+        x1 = tl.load(x_ptrs + h * stride_xh, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptrs + h * stride_xh + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptrs + h * stride_oh, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(o_ptrs + h * stride_oh + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1102,13 +1106,16 @@ def _rotary_triton(
         return out
     half = head_dim // 2
     block_half = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(num_heads), max(1, 4096 // (2 * block_half)))
-    grid = (num_tokens, triton.cdiv(num_heads, block_h))
-    _rotary_kernel[grid](
+    # ~2048 (token, frequency) pairs per program: 32 tokens x 64 frequencies at head_dim 128; in the
+    # interpreter one program covers up to 512 tokens (its cost is per block operation).
+    budget = 512 * block_half if _backend.triton_interpreting() else 2048
+    block_t = min(triton.next_power_of_2(num_tokens), max(1, budget // block_half))
+    _rotary_kernel[(triton.cdiv(num_tokens, block_t),)](
         x,
         position_ids,
         inv_freq,
         out,
+        num_tokens,
         num_heads,
         x.stride(0),
         x.stride(1),
@@ -1117,7 +1124,7 @@ def _rotary_triton(
         SIGN=sign,
         HALF=half,
         BLOCK_HALF=block_half,
-        BLOCK_H=block_h,
+        BLOCK_T=block_t,
     )
     return out
 
