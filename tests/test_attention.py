@@ -1,6 +1,7 @@
 """Varlen attention and rotary embeddings: every backend against float64 references, gradients, packing
 invariance, the work schedule, errors, torch.compile and opcheck."""
 
+import logging
 import random
 
 import pytest
@@ -20,15 +21,16 @@ from sphinx_kernels import attention as attn
 # bf16 is wrong in Triton's interpreter: it is tested on the GPU only.
 LOWP = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+logger = logging.getLogger(__name__)
 # The interpreter's blocks are 32 query rows (16 keys inner); lengths are drawn around them.
 BLOCK = 32
 
 
 @pytest.fixture
 def seed():
-    """A fresh seed per run, printed so a failure can be replayed."""
+    """A fresh seed per run, logged (shown with a failure) so it can be replayed."""
     value = random.SystemRandom().randrange(2**31)
-    print(f"seed = {value}")
+    logger.warning("seed = %d", value)
     return value
 
 
