@@ -6,9 +6,8 @@
 CPU: a multimodal length mix (each sequence 300..3000 tokens, drawn with a fixed seed), causal, fp32, forward
 + backward, median of repeated runs, as ratios against padded SDPA: every sequence right-padded to the
 longest and one batched ``scaled_dot_product_attention``, either ``is_causal=True`` (``padded_sdpa``: with
-right
-padding the causal mask already hides the padding keys from every real query, so this is the cheapest correct
-padded baseline) or with the explicit causal + key-padding mask a padded pipeline passes
+right padding the causal mask already hides the padding keys from every real query, so this is the cheapest
+correct padded baseline) or with the explicit causal + key-padding mask a padded pipeline passes
 (``padded_sdpa(mask)``, Hugging Face's 4-D mask); and against per-sequence SDPA (a Python loop). Our CPU path
 is the ``torch`` backend (the automatic choice on CPU).
 
