@@ -141,6 +141,23 @@ def test_packed_equals_each_sequence_alone(seed):
         start += n
 
 
+def test_strided_views_of_a_fused_qkv_projection(seed):
+    """q, k, v as views of one (T, Hq + 2 Hkv, D) projection (token stride != heads * D) need no copy."""
+    lengths = random_lengths(seed, n=3)
+    cu = cu_from(lengths)
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(sum(lengths), 4 + 2 + 2, 32, generator=gen).to(DEVICE).requires_grad_()
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    do = torch.randn(q.shape, generator=gen).to(DEVICE)
+    out = varlen_attention(q, k, v, cu, max(lengths), backend="triton")
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    q64 = qkv.detach().double().requires_grad_()
+    ref = varlen_attention_ref(q64[:, :4], q64[:, 4:6], q64[:, 6:], cu)
+    (ref_grad,) = torch.autograd.grad(ref, q64, do.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_custom_softmax_scale_and_empty_sequences(seed):
     lengths = [5, 0, 37, 0, 1]
     cu = cu_from(lengths)
