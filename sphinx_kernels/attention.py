@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,19 @@ def _check_attention_args(q, k, v, cu_seqlens, max_seqlen) -> None:
         raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
 
 
+# The last cu_seqlens whose values passed: every layer of a model gets the same tensor, so a training step
+# pays one device-to-host sync for the checks, not one per layer (a weak reference: never keeps it alive).
+_last_checked: tuple[weakref.ref, int, int, int] | None = None
+
+
 def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int, max_seqlen: int) -> None:
-    """Value checks (one device-to-host copy of three scalars)."""
+    """Value checks (one device-to-host copy of four scalars, skipped for the tensor checked last)."""
+    global _last_checked
+    if _last_checked is not None:
+        ref, version, tokens, longest_ok = _last_checked
+        if ref() is cu_seqlens and version == cu_seqlens._version and tokens == num_tokens:
+            if max_seqlen >= longest_ok:
+                return
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     first, last, shortest, longest = torch.stack(
         [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]
@@ -103,6 +115,7 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int, max_seql
         raise ValueError(f"cu_seqlens must end at T = {num_tokens} (q.shape[0]), got cu_seqlens[-1] = {last}")
     if max_seqlen < longest:
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({longest})")
+    _last_checked = (weakref.ref(cu_seqlens), cu_seqlens._version, num_tokens, longest)
 
 
 # ----------------------------------------------------------------------------------------------------

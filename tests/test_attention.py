@@ -270,6 +270,17 @@ def test_bad_input_is_an_error_naming_the_argument(change, error, words):
         varlen_attention(**_inputs(**change))
 
 
+def test_checks_still_run_for_a_tensor_checked_before():
+    """The one-sync-per-tensor shortcut must not skip a smaller max_seqlen or an in-place change."""
+    args = _inputs()
+    varlen_attention(**args, backend="torch")
+    with pytest.raises(ValueError, match="max_seqlen"):
+        varlen_attention(**{**args, "max_seqlen": 5}, backend="torch")
+    args["cu_seqlens"][1] = 11
+    with pytest.raises(ValueError, match="non-decreasing"):
+        varlen_attention(**args, backend="torch")
+
+
 def test_flash_attn_refuses_float32():
     with pytest.raises(TypeError, match="cannot run q of dtype torch.float32"):
         varlen_attention(**_inputs(), backend="flash_attn")
