@@ -163,6 +163,45 @@ def varlen_attention_ref(
     return torch.cat(outs).contiguous()
 
 
+def _varlen_attention_ref_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's gradients by the softmax-backward formula, one sequence at a time (an ``L x L`` score
+    matrix per sequence and head, float32 or float64). Used by the registered op's torch backend, whose
+    kernel runs where autograd is off (under torch.compile); eager use differentiates the reference itself."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    dq, dk, dv = (torch.zeros(t.shape, dtype=compute, device=t.device) for t in (q, k, v))
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end == start:
+            continue
+        qs, ks, vs, os_, dos = (t[start:end].transpose(0, 1).to(compute) for t in (q, k, v, out, dout))
+        ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)
+        scores = qs @ ks.transpose(1, 2) * softmax_scale
+        if causal:
+            n = end - start
+            hidden = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(hidden, float("-inf"))
+        p = scores.softmax(dim=-1)
+        dp = dos @ vs.transpose(1, 2)
+        ds = p * (dp - (dos * os_).sum(dim=-1, keepdim=True))
+        dq[start:end] = (ds @ ks * softmax_scale).transpose(0, 1)
+        dk_full = ds.transpose(1, 2) @ qs * softmax_scale
+        dv_full = p.transpose(1, 2) @ dos
+        heads = k.shape[1]
+        dk[start:end] = dk_full.view(heads, group, end - start, -1).sum(1).transpose(0, 1)
+        dv[start:end] = dv_full.view(heads, group, end - start, -1).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def rotary_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 ``(head_dim // 2,)`` inverse frequencies, computed exactly as Hugging Face Llama does."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
@@ -1162,15 +1201,24 @@ def _varlen_attention_fwd_op(
     max_seqlen: int,
     causal: bool,
     softmax_scale: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out (T, Hq, D) q.dtype, lse (Hq, T) float32)``, lse the natural-log softmax normaliser."""
-    return _varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    """Returns ``(out (T, Hq, D) q.dtype, lse)``: triton: lse float32 ``(Hq, T)``, the natural-log softmax
+    normaliser kept for backward; torch (the reference, used here only under torch.compile): lse float32
+    ``(Hq, 0)``, its backward recomputes the forward."""
+    if backend == "triton":
+        return _varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    if backend == "torch":
+        out = varlen_attention_ref(q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale)
+        return out, q.new_empty((q.shape[1], 0), dtype=torch.float32)
+    raise ValueError(f"sphinx_kernels::varlen_attention_fwd runs backends triton and torch, got {backend!r}")
 
 
 @_varlen_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, backend):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    lse_tokens = 0 if backend == "torch" else q.shape[0]
+    return out, q.new_empty((q.shape[1], lse_tokens), dtype=torch.float32)
 
 
 @torch.library.custom_op("sphinx_kernels::varlen_attention_bwd", mutates_args=())
@@ -1185,31 +1233,37 @@ def _varlen_attention_bwd_op(
     max_seqlen: int,
     causal: bool,
     softmax_scale: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _varlen_attention_bwd_triton(
-        dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale
-    )
+    if backend == "triton":
+        return _varlen_attention_bwd_triton(
+            dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale
+        )
+    if backend == "torch":
+        dq, dk, dv = _varlen_attention_ref_backward(dout, q, k, v, out, cu_seqlens, causal, softmax_scale)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    raise ValueError(f"sphinx_kernels::varlen_attention_bwd runs backends triton and torch, got {backend!r}")
 
 
 @_varlen_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, backend):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _varlen_attention_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.causal, ctx.softmax_scale = max_seqlen, causal, softmax_scale
+    ctx.max_seqlen, ctx.causal, ctx.softmax_scale, ctx.backend = max_seqlen, causal, softmax_scale, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _varlen_attention_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_bwd_op(
-        dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.softmax_scale
+        dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.softmax_scale, ctx.backend
     )
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _varlen_attention_fwd_op.register_autograd(
@@ -1314,11 +1368,13 @@ def varlen_attention(
             f"choose from {', '.join(candidates)}"
         )
     chosen = _select_attention(q.device.type, candidates, backend)
-    if chosen == "torch":
-        return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale)
     if chosen == "flash_attn":
         return _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
-    out, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    if chosen == "torch" and not torch.compiler.is_compiling():
+        # Eager: plain autograd through per-sequence SDPA (no recompute in backward). Under torch.compile
+        # the reference's per-sequence loop needs cu_seqlens on the host, so it runs inside the opaque op.
+        return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale)
+    out, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens, max_seqlen, causal, scale, chosen)
     return out
 
 
