@@ -86,9 +86,17 @@ def _check_attention_args(q, k, v, cu_seqlens, max_seqlen) -> None:
         raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference-mode tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 # The last cu_seqlens whose values passed: every layer of a model gets the same tensor, so a training step
 # pays one device-to-host sync for the checks, not one per layer (a weak reference: never keeps it alive).
-_last_checked: tuple[weakref.ref, int, int, int] | None = None
+_last_checked: tuple[weakref.ref, int | None, int, int] | None = None
 
 
 def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int, max_seqlen: int) -> None:
@@ -96,7 +104,7 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int, max_seql
     global _last_checked
     if _last_checked is not None:
         ref, version, tokens, longest_ok = _last_checked
-        if ref() is cu_seqlens and version == cu_seqlens._version and tokens == num_tokens:
+        if ref() is cu_seqlens and version == _version_of(cu_seqlens) and tokens == num_tokens:
             if max_seqlen >= longest_ok:
                 return
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -115,7 +123,8 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int, max_seql
         raise ValueError(f"cu_seqlens must end at T = {num_tokens} (q.shape[0]), got cu_seqlens[-1] = {last}")
     if max_seqlen < longest:
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({longest})")
-    _last_checked = (weakref.ref(cu_seqlens), cu_seqlens._version, num_tokens, longest)
+    version = _version_of(cu_seqlens)
+    _last_checked = None if version is None else (weakref.ref(cu_seqlens), version, num_tokens, longest)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -916,6 +925,27 @@ def _rotary_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
+# Work tables of the last cu_seqlens seen (weakly referenced): every layer of a step shares cu_seqlens, so
+# the ~10 small torch ops building a table run once per step, not three times per layer.
+_tables: dict[str, object] = {"ref": None, "version": -1, "tables": {}}
+
+
+def _cached_work_items(
+    cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int, block: int, causal: bool, keys: bool
+) -> torch.Tensor:
+    version = _version_of(cu_seqlens)
+    if version is None:
+        return _work_items(cu_seqlens, max_seqlen, num_tokens, block, causal, keys)
+    ref = _tables["ref"]
+    if ref is None or ref() is not cu_seqlens or _tables["version"] != version:
+        _tables.update(ref=weakref.ref(cu_seqlens), version=version, tables={})
+    key = (max_seqlen, num_tokens, block, causal, keys)
+    table = _tables["tables"].get(key)
+    if table is None:
+        table = _tables["tables"][key] = _work_items(cu_seqlens, max_seqlen, num_tokens, block, causal, keys)
+    return table
+
+
 def _work_items(
     cu_seqlens: torch.Tensor, max_seqlen: int, num_tokens: int, block: int, causal: bool, keys: bool
 ) -> torch.Tensor:
@@ -1003,7 +1033,7 @@ def _varlen_attention_fwd_triton(
         return out, lse
     blocks = _blocks(head_dim, q.dtype)
     block_d = _head_block(head_dim)
-    items = _work_items(cu_seqlens, max_seqlen, num_tokens, blocks["fwd_m"], causal, keys=False)
+    items = _cached_work_items(cu_seqlens, max_seqlen, num_tokens, blocks["fwd_m"], causal, keys=False)
     grid = (items.shape[0] * num_heads,)
     args = (
         q,
@@ -1091,7 +1121,7 @@ def _varlen_attention_bwd_triton(
     )
     scales = (softmax_scale * LOG2E, softmax_scale)
 
-    items = _work_items(cu_seqlens, max_seqlen, num_tokens, blocks["dkdv_n"], causal, keys=True)
+    items = _cached_work_items(cu_seqlens, max_seqlen, num_tokens, blocks["dkdv_n"], causal, keys=True)
     grid = (items.shape[0] * num_kv_heads,)
     args = (
         q,
@@ -1123,7 +1153,7 @@ def _varlen_attention_bwd_triton(
     kernel = _varlen_attention_bwd_dkdv_kernel if interpreting else _gpu_kernels()["dkdv"]
     kernel[grid](*args, **meta)
 
-    items = _work_items(cu_seqlens, max_seqlen, num_tokens, blocks["dq_m"], causal, keys=False)
+    items = _cached_work_items(cu_seqlens, max_seqlen, num_tokens, blocks["dq_m"], causal, keys=False)
     grid = (items.shape[0] * num_heads,)
     args = (
         q,
@@ -1356,15 +1386,20 @@ def varlen_attention(
     if not torch.compiler.is_compiling():
         _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
-    if q.dtype == torch.float64:
+    # flash-attn runs fp16/bf16 with head_dim <= 256; our Triton kernels fp16/bf16/fp32 with head_dim <= 256
+    # (padded to a power of 2: a 512-wide tile would not fit in registers); the reference runs anything.
+    if q.shape[2] > 256:
         candidates: tuple[str, ...] = ("torch",)
-    elif q.dtype == torch.float32 or q.shape[2] > 256:
-        candidates = ("triton", "torch")  # flash-attn runs fp16/bf16 with head_dim <= 256 only
+    elif q.dtype == torch.float64:
+        candidates = ("torch",)
+    elif q.dtype == torch.float32:
+        candidates = ("triton", "torch")
     else:
         candidates = BACKENDS
     if backend is not None and backend in BACKENDS and backend not in candidates:
         raise TypeError(
-            f"backend={backend!r} cannot run q of dtype {q.dtype} with head_dim {q.shape[2]}; "
+            f"backend={backend!r} cannot run q of dtype {q.dtype} with head_dim {q.shape[2]} (Triton: "
+            f"float16/bfloat16/float32, head_dim <= 256; flash_attn: float16/bfloat16); "
             f"choose from {', '.join(candidates)}"
         )
     chosen = _select_attention(q.device.type, candidates, backend)

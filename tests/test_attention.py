@@ -293,6 +293,30 @@ def test_checks_still_run_for_a_tensor_checked_before():
         varlen_attention(**args, backend="torch")
 
 
+def test_work_tables_follow_in_place_changes_of_cu_seqlens(seed):
+    """Work tables are cached per cu_seqlens tensor; an in-place change must rebuild them."""
+    q, k, v, _ = (t.detach() for t in random_qkv(seed, 60, 2, 1, 16, torch.float32))
+    cu = cu_from([10, 50])
+    first = varlen_attention(q, k, v, cu, 50, backend="triton")
+    cu.copy_(cu_from([45, 15]))
+    second = varlen_attention(q, k, v, cu, 50, backend="triton")
+    torch.testing.assert_close(first, varlen_attention_ref(q, k, v, cu_from([10, 50])), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, varlen_attention_ref(q, k, v, cu), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_mode(seed):
+    """Inference tensors have no version counter: checks and work tables must not rely on one."""
+    lengths = random_lengths(seed, n=3, high=40)
+    with torch.inference_mode():
+        cu = cu_from(lengths)
+        q, k, v, _ = (t.detach() for t in random_qkv(seed, sum(lengths), 4, 2, 32, torch.float32))
+        out = varlen_attention(q, k, v, cu, max(lengths), backend="triton")
+        again = varlen_attention(q, k, v, cu, max(lengths), backend="triton")
+        ref = varlen_attention_ref(q, k, v, cu)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
 def test_flash_attn_refuses_float32():
     with pytest.raises(TypeError, match="cannot run q of dtype torch.float32"):
         varlen_attention(**_inputs(), backend="flash_attn")
