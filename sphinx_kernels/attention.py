@@ -994,9 +994,14 @@ def _gpu_kernels() -> dict[str, object]:
     """
     fwd = [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in ((64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (128, 8, 2))
+        # (32, 4, 1) is the fallback that fits shared memory for every supported dtype and head_dim (fp32 at
+        # head_dim 256); configs that do not fit are skipped by the autotuner.
+        for bn, w, s in ((64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (128, 8, 2), (32, 4, 1))
     ]
-    bwd = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (4, 5), (8, 2), (8, 3))]
+    bwd = [
+        triton.Config({}, num_warps=w, num_stages=s)
+        for w, s in ((4, 2), (4, 3), (4, 5), (8, 2), (8, 3), (4, 1))
+    ]
     keys = ["HEAD_DIM", "CAUSAL", "GROUP", "DOT_PRECISION"]
     return {
         "fwd": triton.autotune(fwd, key=keys)(_varlen_attention_fwd_kernel),
