@@ -1443,7 +1443,11 @@ def apply_rotary(
         raise ValueError(f"x's head_dim must be even for rotate-half rotary, got {x.shape[2]}")
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if position_ids.dtype.is_floating_point or position_ids.dtype in (torch.bool, torch.complex64):
+    if (
+        position_ids.dtype.is_floating_point
+        or position_ids.dtype.is_complex
+        or position_ids.dtype == torch.bool
+    ):
         raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
     if position_ids.shape != (x.shape[0],):
         raise ValueError(
