@@ -464,6 +464,59 @@ def test_opcheck(seed, backend):
     torch.library.opcheck(torch.ops.sphinx_kernels.apply_rotary.default, (x, pos, inv_freq, 1))
 
 
+# The interpreter runs the kernels' Python, not Triton's compiler: this compiles them for sm_90 (Hopper) down
+# to a cubin through Triton's bundled ptxas, so CPU CI catches code that only the GPU compiler rejects.
+COMPILE_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sphinx_kernels import attention as A
+
+def build(kernel, pointers, consts, warps, stages):
+    fn = kernel
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + pointers[name]
+        else:
+            sig[name] = "fp32" if name.endswith("scale") else "i32"
+    src = ASTSource(fn, sig, constexprs=consts)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    print("compiled", fn.__name__, flush=True)
+
+for dt, d, causal, prec, bm in (("bf16", 128, True, "tf32", 128), ("fp32", 96, False, "ieee", 64)):
+    common = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=128, EVEN_D=d == 128, CAUSAL=causal, DOT_PRECISION=prec)
+    aux = dict(LSE="fp32", DELTA="fp32", CU_SEQLENS="i32", ITEMS="i32")
+    ptrs = dict(Q=dt, K=dt, V=dt, O=dt, DO=dt, DQ=dt, DK=dt, DV=dt, **aux)
+    build(A._varlen_attention_fwd_kernel, ptrs, dict(NUM_HEADS=32, **common, BLOCK_M=bm, BLOCK_N=64), 8, 3)
+    if dt == "fp32":
+        break
+    dkdv, dq = A._varlen_attention_bwd_dkdv_kernel, A._varlen_attention_bwd_dq_kernel
+    build(dkdv, ptrs, dict(NUM_KV_HEADS=8, **common, BLOCK_M=32, BLOCK_N=128), 8, 2)
+    build(dq, ptrs, dict(NUM_HEADS=32, **common, BLOCK_M=128, BLOCK_N=32), 8, 2)
+    build(A._varlen_attention_bwd_preprocess_kernel, dict(O=dt, DO=dt, DELTA="fp32"),
+          dict(HEAD_DIM=d, BLOCK_D=128, BLOCK_T=64), 4, 2)
+    build(A._rotary_kernel, dict(X=dt, OUT=dt, POS="i64", INV_FREQ="fp32"),
+          dict(SIGN=1, HALF=64, BLOCK_HALF=64, BLOCK_T=32), 4, 2)
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 6, proc.stdout
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: bf16 (wrong in the interpreter), realistic shapes, flash-attn parity
 # ------------------------------------------------------------------------------------------------
