@@ -6,7 +6,11 @@ boundaries. Attention never crosses a boundary, and rotary positions restart at 
 
 Backends (``_backend.select("attention", ...)``): ``flash_attn`` (``flash_attn_varlen_func``, fp16/bf16, when
 importable), ``triton`` (the kernels below), ``torch`` (the reference: per-sequence
-``scaled_dot_product_attention``, never a ``T x T`` mask; the CPU path). Rotary: ``triton`` and ``torch``.
+``scaled_dot_product_attention``, never a ``T x T`` mask; the CPU path). Rotary (family ``rope`` in
+``SPHINX_KERNELS_BACKEND``, e.g. ``attention:triton,rope:triton``): ``triton`` and ``torch``. The Triton
+paths sit behind registered ops (``sphinx_kernels::varlen_attention_fwd`` / ``_bwd``,
+``sphinx_kernels::apply_rotary``), so ``torch.compile(fullgraph=True)`` traces through them; under compile the
+torch backend runs inside the op too.
 
 The Triton schedule fixes FA2's varlen weakness: FA2 launches a ``(max_seqlen / BLOCK_M, B, H)`` grid, so
 with one long and many short documents most programs exit at once and the long document's causal tail runs
