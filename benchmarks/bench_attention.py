@@ -1,15 +1,16 @@
 """Varlen packed attention: our packed path against padded and per-sequence SDPA (and peers on the GPU).
 
-    python benchmarks/bench_attention.py [--sequences 8] [--heads 4 --kv-heads 1 --head-dim 64] [--repeats 5]
+    python benchmarks/bench_attention.py [--sequences 8] [--heads 4 --kv-heads 1 --head-dim 64] [--repeats 7]
     python benchmarks/bench_attention.py --gpu-only       # the GPU rows alone (needs CUDA)
 
-CPU: a multimodal length mix (each sequence 300..3000 tokens, drawn with a fixed seed), causal, fp32, forward
-+ backward, median of repeated runs, as ratios against padded SDPA: every sequence right-padded to the
-longest and one batched ``scaled_dot_product_attention``, either ``is_causal=True`` (``padded_sdpa``: with
-right padding the causal mask already hides the padding keys from every real query, so this is the cheapest
-correct padded baseline) or with the explicit causal + key-padding mask a padded pipeline passes
-(``padded_sdpa(mask)``, Hugging Face's 4-D mask); and against per-sequence SDPA (a Python loop). Our CPU path
-is the ``torch`` backend (the automatic choice on CPU).
+CPU: a multimodal length mix (each sequence 300..3000 tokens, drawn with a fixed seed), causal, fp32,
+forward + backward, median of repeated runs (round-robin over the variants), as ratios against padded SDPA:
+every sequence right-padded to the longest and one batched ``scaled_dot_product_attention``, either
+``is_causal=True`` (``padded_sdpa``: with right padding the causal mask already hides the padding keys from
+every real query, so this is the cheapest correct padded baseline) or with the explicit causal + key-padding
+mask a padded pipeline passes (``padded_sdpa(mask)``, Hugging Face's 4-D mask); and against per-sequence SDPA
+(a Python loop, K/V heads via ``enable_gqa``). Our CPU path is the ``torch`` backend (the automatic choice
+on CPU).
 
 GPU (when CUDA is present): TFLOP/s forward and forward+backward, causal, d=128, bf16, 16k tokens, for one
 long sequence and for a skewed mix (one 8k document and many short ones): ``triton`` vs padded SDPA vs
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -164,9 +166,21 @@ def measure(case, lengths, heads, kv_heads, head_dim, dtype, device, repeats, ba
         f"B={len(lengths)} T={sum(lengths)} Lmax={max(lengths)} Hq={heads} Hkv={kv_heads} D={head_dim} "
         f"{str(dtype).removeprefix('torch.')} causal {'fwd+bwd' if backward else 'fwd'}"
     )
+    fns = step_fns(lengths, q, k, v, do, device, backward)
+    if device == "cpu":
+        # Round-robin single runs, then the median per variant: on a shared CPU a burst of load from
+        # another process then hits every variant alike instead of all repeats of one (seen: 20x outliers).
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for fn in fns.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                samples[name].append(median_seconds(fn, device, repeats=1, warmup=0))
+        medians = {name: statistics.median(t) for name, t in samples.items()}
+    else:
+        medians = {name: median_seconds(fn, device, repeats=repeats, warmup=1) for name, fn in fns.items()}
     rows = []
-    for name, fn in step_fns(lengths, q, k, v, do, device, backward).items():
-        seconds = median_seconds(fn, device, repeats=repeats, warmup=1)
+    for name, seconds in medians.items():
         unit = "TFLOP/s" if device == "cuda" else "GFLOP/s"
         rate = flops / seconds / (1e12 if device == "cuda" else 1e9)
         ceiling = "FA2 fwd ~190-335 causal (H100)" if device == "cuda" and not backward else ""
@@ -216,7 +230,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=1)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu-only", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="do not append rows to benchmarks/results")
