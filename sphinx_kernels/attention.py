@@ -1034,6 +1034,13 @@ def _varlen_attention_fwd_triton(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Shapes, dtypes and devices (no device sync): the op can be called directly, bypassing varlen_attention.
+    _check_attention_args(q, k, v, cu_seqlens, max_seqlen)
+    if q.dtype not in TRITON_DTYPES or q.shape[2] > 256:
+        raise TypeError(
+            f"the Triton kernels run float16/bfloat16/float32 with head_dim <= 256, got {q.dtype}, "
+            f"head_dim {q.shape[2]}"
+        )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -1092,6 +1099,12 @@ def _varlen_attention_bwd_triton(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_attention_args(q, k, v, cu_seqlens, max_seqlen)
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[1], q.shape[0]):
+        raise ValueError(
+            f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}, "
+            f"lse {tuple(lse.shape)} must be (Hq, T)"
+        )
     q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
