@@ -482,7 +482,10 @@ def build(kernel, pointers, consts, warps, stages):
             sig[name] = "*" + pointers[name]
         else:
             sig[name] = "fp32" if name.endswith("scale") else "i32"
-    src = ASTSource(fn, sig, constexprs=consts)
+    # The JIT's launch-time specialisation: 16-byte aligned pointers, strides divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in pointers or (name.startswith("stride") and name not in ("stride_lh", "stride_dh"))}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     print("compiled", fn.__name__, flush=True)
 
