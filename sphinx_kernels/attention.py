@@ -21,6 +21,7 @@ blocks start first and the cheap ones fill the tail.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import weakref
@@ -1245,6 +1246,11 @@ def _rotary_triton(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("sphinx_kernels::varlen_attention_fwd", mutates_args=())
 def _varlen_attention_fwd_op(
     q: torch.Tensor,
@@ -1260,7 +1266,8 @@ def _varlen_attention_fwd_op(
     normaliser kept for backward; torch (the reference, used here only under torch.compile): lse float32
     ``(Hq, 0)``, its backward recomputes the forward."""
     if backend == "triton":
-        return _varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+        with _on_device(q):
+            return _varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
     if backend == "torch":
         out = varlen_attention_ref(q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale)
         return out, q.new_empty((q.shape[1], 0), dtype=torch.float32)
@@ -1289,9 +1296,10 @@ def _varlen_attention_bwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _varlen_attention_bwd_triton(
-            dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale
-        )
+        with _on_device(q):
+            return _varlen_attention_bwd_triton(
+                dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale
+            )
     if backend == "torch":
         dq, dk, dv = _varlen_attention_ref_backward(dout, q, k, v, out, cu_seqlens, causal, softmax_scale)
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
@@ -1329,7 +1337,8 @@ def _apply_rotary_op(
     x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, sign: int
 ) -> torch.Tensor:
     """Rotate ``x`` (T, H, D) by ``sign * position * inv_freq`` (rotate-half convention)."""
-    return _rotary_triton(x, position_ids, inv_freq, sign)
+    with _on_device(x):
+        return _rotary_triton(x, position_ids, inv_freq, sign)
 
 
 @_apply_rotary_op.register_fake
