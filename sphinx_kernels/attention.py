@@ -961,7 +961,7 @@ def _work_items(
     (``sequence = -1``) sort last; ``n = min(B * max_blocks, cdiv(T, block) + B)`` bounds the used ones.
     """
     batch = cu_seqlens.numel() - 1
-    max_blocks = max(1, triton.cdiv(max_seqlen, block))
+    max_blocks = max(1, triton.cdiv(min(max_seqlen, num_tokens), block))  # a loose bound costs nothing
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     blocks = (lengths + block - 1) // block
     index = torch.arange(max_blocks, device=cu_seqlens.device, dtype=torch.int64)
