@@ -2,6 +2,10 @@
 
     python benchmarks/bench_attention.py [--sequences 8] [--heads 4 --kv-heads 1 --head-dim 64] [--repeats 7]
     python benchmarks/bench_attention.py --gpu-only       # the GPU rows alone (needs CUDA)
+    python benchmarks/bench_attention.py --threads 1      # CPU rows on a shared machine (see below)
+
+On a 2-core machine shared with other jobs, 2 OpenMP threads made single runs 2-40x slower at random
+(oversubscribed spin-waits); one thread gave runs within 5% of each other.
 
 CPU: a multimodal length mix (each sequence 300..3000 tokens, drawn with a fixed seed), causal, fp32,
 forward + backward, median of repeated runs (round-robin over the variants), as ratios against padded SDPA:
@@ -232,9 +236,14 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0: torch's default); 1 is stable on a shared box"
+    )
     parser.add_argument("--gpu-only", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="do not append rows to benchmarks/results")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = [] if args.gpu_only else cpu_rows(args)
     if torch.cuda.is_available():
