@@ -4,6 +4,14 @@ Importing needs no GPU, no compiler and no built extension; ``backends()`` says 
 """
 
 from sphinx_kernels._backend import BackendStatus, backends
+from sphinx_kernels.attention import (
+    apply_rotary,
+    apply_rotary_ref,
+    position_ids_from_cu_seqlens,
+    varlen_attention,
+    varlen_attention_ref,
+)
+from sphinx_kernels.packing import PackedBatch, pack_bins, pack_sequences, unpack
 from sphinx_kernels.tiles import (
     CLIP_MEAN,
     CLIP_STD,
@@ -26,10 +34,19 @@ __all__ = [
     "IMAGENET_STD",
     "BackendStatus",
     "ImageBatch",
+    "PackedBatch",
     "TilePlan",
+    "apply_rotary",
+    "apply_rotary_ref",
     "backends",
+    "pack_bins",
+    "pack_sequences",
     "plan_tiles",
+    "position_ids_from_cu_seqlens",
     "resized_size",
     "tile_gather",
     "tile_gather_ref",
+    "unpack",
+    "varlen_attention",
+    "varlen_attention_ref",
 ]

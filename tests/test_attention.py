@@ -1,0 +1,553 @@
+"""Varlen attention and rotary embeddings: every backend against float64 references, gradients, packing
+invariance, the work schedule, errors, torch.compile and opcheck."""
+
+import logging
+import random
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_within_reference_error
+
+from sphinx_kernels import (
+    apply_rotary,
+    apply_rotary_ref,
+    pack_sequences,
+    position_ids_from_cu_seqlens,
+    varlen_attention,
+    varlen_attention_ref,
+)
+from sphinx_kernels import attention as attn
+
+# bf16 is wrong in Triton's interpreter: it is tested on the GPU only.
+LOWP = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+logger = logging.getLogger(__name__)
+# The interpreter's blocks are 32 query rows (16 keys inner); lengths are drawn around them.
+BLOCK = 32
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per run, logged (shown with a failure) so it can be replayed."""
+    value = random.SystemRandom().randrange(2**31)
+    logger.warning("seed = %d", value)
+    return value
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every torch.empty / empty_like during the test returns NaN-filled memory, so an output element a
+    kernel forgets to write shows up as NaN (DESIGN.md: outputs poisoned before a kernel writes them)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(t):
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-(2**30))
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_filled(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_filled(empty_like(*a, **k)))
+
+
+def random_lengths(seed, n=4, high=80):
+    """`n` lengths: one of length 1, one not a multiple of the block, the rest random."""
+    rng = random.Random(seed)
+    lengths = [1, rng.choice([b for b in range(2, high) if b % BLOCK])]
+    lengths += [rng.randint(1, high) for _ in range(n - 2)]
+    rng.shuffle(lengths)
+    return lengths
+
+
+def cu_from(lengths, device=DEVICE):
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
+def random_qkv(seed, total, hq, hkv, d, dtype, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (
+        torch.randn(total, h, d, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        for h in (hq, hkv, hkv, hq)
+    )
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
+
+
+def run(fn, q, k, v, do):
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+
+def reference_runs(q, k, v, do, cu, causal):
+    """(float64 reference, PyTorch reference in q's dtype), each as (out, dq, dk, dv)."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref64 = run(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal=causal), q64, k64, v64, do.double())
+    lowp = run(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal=causal), q, k, v, do)
+    return ref64, lowp
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton forward and backward against the float64 reference
+# ------------------------------------------------------------------------------------------------
+
+GQA_HEADS = [(2, 2), (4, 1), (8, 1)]  # ratios 1, 4, 8
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", GQA_HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}")
+@pytest.mark.parametrize("dtype", LOWP)
+def test_triton_low_precision_within_2x_reference_error(seed, poison, dtype, heads, head_dim, causal):
+    lengths = random_lengths(seed)
+    cu = cu_from(lengths)
+    q, k, v, do = random_qkv(seed, sum(lengths), *heads, head_dim, dtype)
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), causal=causal, backend="triton")
+    got = run(fn, q, k, v, do)
+    ref64, lowp = reference_runs(q, k, v, do, cu, causal)
+    for name, g, r64, rl in zip(("out", "dq", "dk", "dv"), got, ref64, lowp, strict=True):
+        assert g.dtype == dtype and g.shape == r64.shape
+        assert not g.isnan().any(), f"{name} has NaN (unwritten output)"
+        assert_within_reference_error(g, r64, rl, name=f"{name} lengths={lengths}")
+
+
+@pytest.mark.parametrize(
+    "heads, head_dim, causal",
+    [((8, 1), 64, True), ((2, 2), 128, False), ((4, 1), 96, True), ((2, 1), 40, False)],
+    ids=["gqa8-d64-causal", "mha-d128", "gqa4-d96-padded-causal", "gqa2-d40-padded"],
+)
+def test_triton_float32_matches_float64_reference(seed, poison, heads, head_dim, causal):
+    lengths = random_lengths(seed)
+    cu = cu_from(lengths)
+    q, k, v, do = random_qkv(seed, sum(lengths), *heads, head_dim, torch.float32)
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), causal=causal, backend="triton")
+    got = run(fn, q, k, v, do)
+    ref64, _ = reference_runs(q, k, v, do, cu, causal)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref64, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_packed_equals_each_sequence_alone(seed):
+    """Packing must not change any sequence's result: bit-identical to running it alone."""
+    lengths = random_lengths(seed, n=3)
+    cu = cu_from(lengths)
+    q, k, v, do = random_qkv(seed, sum(lengths), 4, 2, 64, torch.float16)
+    fn = lambda a, b, c, cs, m: varlen_attention(a, b, c, cs, m, backend="triton")
+    packed = run(lambda a, b, c: fn(a, b, c, cu, max(lengths)), q, k, v, do)
+    start = 0
+    for n in lengths:
+        part = [t.detach()[start : start + n].requires_grad_() for t in (q, k, v)]
+        alone = run(lambda a, b, c, n=n: fn(a, b, c, cu_from([n]), n), *part, do[start : start + n])
+        for p, a in zip(packed, alone, strict=True):
+            torch.testing.assert_close(p[start : start + n], a, rtol=0, atol=0)
+        start += n
+
+
+def test_strided_views_of_a_fused_qkv_projection(seed):
+    """q, k, v as views of one (T, Hq + 2 Hkv, D) projection (token stride != heads * D) need no copy."""
+    lengths = random_lengths(seed, n=3)
+    cu = cu_from(lengths)
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(sum(lengths), 4 + 2 + 2, 32, generator=gen).to(DEVICE).requires_grad_()
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    do = torch.randn(q.shape, generator=gen).to(DEVICE)
+    out = varlen_attention(q, k, v, cu, max(lengths), backend="triton")
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    q64 = qkv.detach().double().requires_grad_()
+    ref = varlen_attention_ref(q64[:, :4], q64[:, 4:6], q64[:, 6:], cu)
+    (ref_grad,) = torch.autograd.grad(ref, q64, do.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_softmax_scale_and_empty_sequences(seed):
+    lengths = [5, 0, 37, 0, 1]
+    cu = cu_from(lengths)
+    q, k, v, do = random_qkv(seed, sum(lengths), 4, 2, 64, torch.float32)
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, 40, softmax_scale=0.3, backend="triton")
+    got = run(fn, q, k, v, do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = run(
+        lambda a, b, c: varlen_attention_ref(a, b, c, cu, softmax_scale=0.3), q64, k64, v64, do.double()
+    )
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_backend_is_the_reference(seed):
+    lengths = random_lengths(seed)
+    cu = cu_from(lengths)
+    q, k, v, _ = random_qkv(seed, sum(lengths), 4, 1, 32, torch.float32)
+    out = varlen_attention(q, k, v, cu, max(lengths), backend="torch")
+    torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu), rtol=0, atol=0)
+    # Attention never crosses a boundary: perturbing one sequence leaves the others' outputs unchanged.
+    k2 = k.detach().clone()
+    k2[: lengths[0]] += 1.0
+    out2 = varlen_attention(q, k2, v, cu, max(lengths), backend="torch")
+    torch.testing.assert_close(out2[lengths[0] :], out[lengths[0] :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_backward_formula_matches_autograd(seed, causal):
+    """The torch backend's op backward (used under torch.compile) against autograd, in float64."""
+    lengths = [*random_lengths(seed), 0]
+    cu = cu_from(lengths)
+    q, k, v, do = random_qkv(seed, sum(lengths), 8, 2, 24, torch.float64)
+    out, *want = run(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal=causal), q, k, v, do)
+    got = attn._varlen_attention_ref_backward(do, q, k, v, out, cu, causal, 24**-0.5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_automatic_choice_on_cpu_is_the_reference(seed):
+    if HAS_CUDA:
+        pytest.skip("CPU tensors only")
+    q, k, v, _ = random_qkv(seed, 10, 2, 2, 16, torch.float32, device="cpu")
+    cu = cu_from([4, 6], device="cpu")
+    out = varlen_attention(q, k, v, cu, 6)
+    torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Work schedule: every (sequence, block) exactly once, heaviest first
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("keys", [True, False])
+def test_work_items_cover_every_block_once_heaviest_first(seed, causal, keys):
+    rng = random.Random(seed)
+    lengths = [rng.randint(0, 700) for _ in range(rng.randint(1, 12))] + [rng.randint(1, 4000)]
+    rng.shuffle(lengths)
+    block = 64
+    cu = cu_from(lengths, device="cpu")
+    items = attn._work_items(cu, max(lengths), sum(lengths), block, causal, keys).tolist()
+    used = [(s, b) for s, b in items if s >= 0]
+    expected = {(s, b) for s, n in enumerate(lengths) for b in range(-(-n // block))}
+    assert len(used) == len(expected) and set(used) == expected
+    assert all(s < 0 for s, _ in items[len(used) :])  # padding slots only at the end
+
+    def cost(s, b):
+        blocks = -(-lengths[s] // block)
+        if not causal:
+            return blocks
+        return blocks - b if keys else b + 1
+
+    costs = [cost(s, b) for s, b in used]
+    assert costs == sorted(costs, reverse=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def _inputs(**change):
+    args = dict(
+        q=torch.randn(10, 4, 16),
+        k=torch.randn(10, 2, 16),
+        v=torch.randn(10, 2, 16),
+        cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32),
+        max_seqlen=6,
+    )
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (dict(cu_seqlens=torch.tensor([0, 7, 4, 10], dtype=torch.int32)), ValueError, "non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, "end at T = 10"),
+        (dict(cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32)), ValueError, "start at 0"),
+        (dict(cu_seqlens=torch.tensor([0, 4, 10])), TypeError, "int32"),
+        (dict(cu_seqlens=torch.tensor([[0, 4, 10]], dtype=torch.int32)), ValueError, "cu_seqlens"),
+        (dict(k=torch.randn(10, 3, 16), v=torch.randn(10, 3, 16)), ValueError, "multiple of k/v's heads"),
+        (dict(k=torch.randn(10, 2, 16, dtype=torch.float64)), TypeError, "k has dtype"),
+        (dict(v=torch.randn(10, 2, 16, dtype=torch.float16)), TypeError, "v has dtype"),
+        (dict(v=torch.randn(10, 2, 16, device="meta")), ValueError, "v is on meta"),
+        (
+            dict(cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32, device="meta")),
+            ValueError,
+            "cu_seqlens is",
+        ),
+        (dict(max_seqlen=5), ValueError, "max_seqlen (5) is smaller than the longest sequence (6)"),
+        (dict(max_seqlen=6.0), TypeError, "max_seqlen must be an int"),
+        (dict(q=torch.randn(10, 4)), ValueError, "q must have shape"),
+        (dict(k=torch.randn(9, 2, 16), v=torch.randn(9, 2, 16)), ValueError, "token count"),
+        (dict(q=torch.randint(0, 3, (10, 4, 16))), TypeError, "q must be float"),
+        (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_is_an_error_naming_the_argument(change, error, words):
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        varlen_attention(**_inputs(**change))
+
+
+def test_checks_still_run_for_a_tensor_checked_before():
+    """The one-sync-per-tensor shortcut must not skip a smaller max_seqlen or an in-place change."""
+    args = _inputs()
+    varlen_attention(**args, backend="torch")
+    with pytest.raises(ValueError, match="max_seqlen"):
+        varlen_attention(**{**args, "max_seqlen": 5}, backend="torch")
+    args["cu_seqlens"][1] = 11
+    with pytest.raises(ValueError, match="non-decreasing"):
+        varlen_attention(**args, backend="torch")
+
+
+def test_work_tables_follow_in_place_changes_of_cu_seqlens(seed):
+    """Work tables are cached per cu_seqlens tensor; an in-place change must rebuild them."""
+    q, k, v, _ = (t.detach() for t in random_qkv(seed, 60, 2, 1, 16, torch.float32))
+    cu = cu_from([10, 50])
+    first = varlen_attention(q, k, v, cu, 50, backend="triton")
+    cu.copy_(cu_from([45, 15]))
+    second = varlen_attention(q, k, v, cu, 50, backend="triton")
+    torch.testing.assert_close(first, varlen_attention_ref(q, k, v, cu_from([10, 50])), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, varlen_attention_ref(q, k, v, cu), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_mode(seed):
+    """Inference tensors have no version counter: checks and work tables must not rely on one."""
+    lengths = random_lengths(seed, n=3, high=40)
+    with torch.inference_mode():
+        cu = cu_from(lengths)
+        q, k, v, _ = (t.detach() for t in random_qkv(seed, sum(lengths), 4, 2, 32, torch.float32))
+        out = varlen_attention(q, k, v, cu, max(lengths), backend="triton")
+        again = varlen_attention(q, k, v, cu, max(lengths), backend="triton")
+        ref = varlen_attention_ref(q, k, v, cu)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_flash_attn_refuses_float32():
+    with pytest.raises(TypeError, match="cannot run q of dtype torch.float32"):
+        varlen_attention(**_inputs(), backend="flash_attn")
+
+
+def test_rotary_bad_input():
+    x = torch.randn(5, 2, 8)
+    with pytest.raises(ValueError, match="even"):
+        apply_rotary(torch.randn(5, 2, 7), torch.arange(5))
+    with pytest.raises(TypeError, match="position_ids must be an integer"):
+        apply_rotary(x, torch.arange(5.0))
+    with pytest.raises(ValueError, match=r"position_ids must have shape \(5,\)"):
+        apply_rotary(x, torch.arange(4))
+    with pytest.raises(ValueError, match="x must have shape"):
+        apply_rotary(torch.randn(5, 8), torch.arange(5))
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary embeddings against Hugging Face Llama, on packed positions
+# ------------------------------------------------------------------------------------------------
+
+
+def hf_rotary(x, position_ids, theta):
+    """Hugging Face Llama: LlamaRotaryEmbedding (cos/sin) + apply_rotary_pos_emb on (1, H, T, D)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    heads, dim = x.shape[1], x.shape[2]
+    config = LlamaConfig(
+        hidden_size=heads * dim, num_attention_heads=heads, rope_theta=theta, max_position_embeddings=4096
+    )
+    rope = LlamaRotaryEmbedding(config).to(x.device)
+    xb = x.transpose(0, 1)[None]
+    cos, sin = rope(xb, position_ids[None])
+    out, _ = apply_rotary_pos_emb(xb, xb, cos, sin)
+    return out[0].transpose(0, 1)
+
+
+def packed_positions(seed, device=DEVICE):
+    rng = random.Random(seed)
+    lengths = [1, rng.randint(2, 50), rng.randint(300, 1200), rng.randint(1, 30)]
+    cu = cu_from(lengths, device)
+    return cu, position_ids_from_cu_seqlens(cu)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 1e6])
+@pytest.mark.parametrize("head_dim", [64, 128, 40])
+def test_rotary_float32_matches_hugging_face(seed, poison, head_dim, theta):
+    _, pos = packed_positions(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(pos.numel(), 3, head_dim, generator=gen).to(DEVICE).requires_grad_()
+    g = torch.randn(x.shape, generator=gen).to(DEVICE)
+    for backend in ("triton", "torch"):
+        out = apply_rotary(x, pos, theta, backend=backend)
+        (dx,) = torch.autograd.grad(out, x, g)
+        x_hf = x.detach().requires_grad_()
+        ref = hf_rotary(x_hf, pos, theta)
+        (dx_hf,) = torch.autograd.grad(ref, x_hf, g)
+        assert not out.isnan().any() and not dx.isnan().any()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dx, dx_hf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_rotary_low_precision_within_2x_reference_error(seed, poison, dtype):
+    _, pos = packed_positions(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x32 = torch.randn(pos.numel(), 2, 64, generator=gen).to(DEVICE)
+    g = torch.randn(x32.shape, generator=gen).to(DEVICE)
+    x = x32.to(dtype).requires_grad_()
+    out = apply_rotary(x, pos, backend="triton")
+    (dx,) = torch.autograd.grad(out, x, g.to(dtype))
+    x64 = x.detach().double().requires_grad_()
+    ref64 = apply_rotary_ref(x64, pos)
+    (dx64,) = torch.autograd.grad(ref64, x64, g.to(dtype).double())
+    x_hf = x.detach().requires_grad_()
+    ref_lowp = hf_rotary(x_hf, pos, 10000.0)
+    (dx_hf,) = torch.autograd.grad(ref_lowp, x_hf, g.to(dtype))
+    assert_within_reference_error(out, ref64, ref_lowp, name="rotary out")
+    assert_within_reference_error(dx, dx64, dx_hf, name="rotary dx")
+
+
+def test_position_ids_restart_per_sequence():
+    cu = torch.tensor([0, 3, 3, 4, 8], dtype=torch.int32)
+    expected = [0, 1, 2, 0, 0, 1, 2, 3]
+    assert position_ids_from_cu_seqlens(cu).tolist() == expected
+    assert position_ids_from_cu_seqlens(cu, num_tokens=8).tolist() == expected
+    packed = pack_sequences([torch.zeros(n) for n in (3, 0, 1, 4)])
+    assert packed.position_ids.tolist() == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile and opcheck
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_torch_compile_fullgraph_forward_and_backward(seed, backend):
+    lengths = random_lengths(seed, n=3, high=40)
+    cu = cu_from(lengths)
+    q, k, v, do = random_qkv(seed, sum(lengths), 4, 2, 32, torch.float32)
+    pos = position_ids_from_cu_seqlens(cu)
+
+    def layer(q, k, v):
+        q, k = apply_rotary(q, pos, backend=backend), apply_rotary(k, pos, backend=backend)
+        return varlen_attention(q, k, v, cu, max(lengths), backend=backend) * 2.0
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = run(compiled, q, k, v, do)
+    want = run(layer, q, k, v, do)
+    # triton: the same kernels run either way (bit-equal); torch: compiled, the op's backward is the
+    # softmax-backward formula, eager is autograd through SDPA (equal to float32 rounding).
+    tol = 0 if backend == "triton" else 1e-5
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_opcheck(seed, backend):
+    lengths = random_lengths(seed, n=2, high=20)
+    cu = cu_from(lengths)
+    q, k, v, do = random_qkv(seed, sum(lengths), 2, 1, 16, torch.float32)
+    args = (q, k, v, cu, max(lengths), True, 0.25, backend)
+    torch.library.opcheck(torch.ops.sphinx_kernels.varlen_attention_fwd.default, args)
+    out, lse = torch.ops.sphinx_kernels.varlen_attention_fwd(*args)
+    bwd_args = (
+        do,
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse,
+        cu,
+        max(lengths),
+        True,
+        0.25,
+        backend,
+    )
+    torch.library.opcheck(torch.ops.sphinx_kernels.varlen_attention_bwd.default, bwd_args)
+    if backend == "torch":
+        return
+    x = torch.randn(sum(lengths), 3, 16, device=DEVICE, requires_grad=True)
+    pos = position_ids_from_cu_seqlens(cu)
+    inv_freq = attn.rotary_inv_freq(16, 10000.0, DEVICE)
+    torch.library.opcheck(torch.ops.sphinx_kernels.apply_rotary.default, (x, pos, inv_freq, 1))
+
+
+# The interpreter runs the kernels' Python, not Triton's compiler: this compiles them for sm_90 (Hopper) down
+# to a cubin through Triton's bundled ptxas, so CPU CI catches code that only the GPU compiler rejects.
+COMPILE_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sphinx_kernels import attention as A
+
+def build(kernel, pointers, consts, warps, stages):
+    fn = kernel
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + pointers[name]
+        else:
+            sig[name] = "fp32" if name.endswith("scale") else "i32"
+    # The JIT's launch-time specialisation: 16-byte aligned pointers, strides divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in pointers or (name.startswith("stride") and name not in ("stride_lh", "stride_dh"))}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    print("compiled", fn.__name__, flush=True)
+
+for dt, d, causal, prec, bm in (("bf16", 128, True, "tf32", 128), ("fp32", 96, False, "ieee", 64)):
+    common = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=128, EVEN_D=d == 128, CAUSAL=causal, DOT_PRECISION=prec)
+    aux = dict(LSE="fp32", DELTA="fp32", CU_SEQLENS="i32", ITEMS="i32")
+    ptrs = dict(Q=dt, K=dt, V=dt, O=dt, DO=dt, DQ=dt, DK=dt, DV=dt, **aux)
+    build(A._varlen_attention_fwd_kernel, ptrs, dict(NUM_HEADS=32, **common, BLOCK_M=bm, BLOCK_N=64), 8, 3)
+    if dt == "fp32":
+        break
+    dkdv, dq = A._varlen_attention_bwd_dkdv_kernel, A._varlen_attention_bwd_dq_kernel
+    build(dkdv, ptrs, dict(NUM_KV_HEADS=8, **common, BLOCK_M=32, BLOCK_N=128), 8, 2)
+    build(dq, ptrs, dict(NUM_HEADS=32, **common, BLOCK_M=128, BLOCK_N=32), 8, 2)
+    build(A._varlen_attention_bwd_preprocess_kernel, dict(O=dt, DO=dt, DELTA="fp32"),
+          dict(HEAD_DIM=d, BLOCK_D=128, BLOCK_T=64), 4, 2)
+    build(A._rotary_kernel, dict(X=dt, OUT=dt, POS="i64", INV_FREQ="fp32"),
+          dict(SIGN=1, HALF=64, BLOCK_HALF=64, BLOCK_T=32), 4, 2)
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 6, proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: bf16 (wrong in the interpreter), realistic shapes, flash-attn parity
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_large_mix_within_2x_reference_error(seed, poison, dtype, causal):
+    rng = random.Random(seed)
+    lengths = [1, 4000, 127] + [rng.randint(1, 1500) for _ in range(6)]
+    cu = cu_from(lengths, "cuda")
+    q, k, v, do = random_qkv(seed, sum(lengths), 32, 8, 128, dtype, device="cuda")
+    fn = lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), causal=causal, backend="triton")
+    got = run(fn, q, k, v, do)
+    ref64, lowp = reference_runs(q, k, v, do, cu, causal)
+    for name, g, r64, rl in zip(("out", "dq", "dk", "dv"), got, ref64, lowp, strict=True):
+        assert not g.isnan().any(), name
+        assert_within_reference_error(g, r64, rl, name=name)
+
+
+@pytest.mark.gpu
+def test_flash_attn_backend_matches_triton(seed):
+    pytest.importorskip("flash_attn")
+    lengths = random_lengths(seed, n=6, high=1000)
+    cu = cu_from(lengths, "cuda")
+    q, k, v, do = random_qkv(seed, sum(lengths), 8, 2, 128, torch.bfloat16, device="cuda")
+    ref64, lowp = reference_runs(q, k, v, do, cu, True)
+    fa = run(lambda a, b, c: varlen_attention(a, b, c, cu, max(lengths), backend="flash_attn"), q, k, v, do)
+    for g, r64, rl in zip(fa, ref64, lowp, strict=True):
+        assert_within_reference_error(g, r64, rl)
