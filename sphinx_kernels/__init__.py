@@ -4,6 +4,15 @@ Importing needs no GPU, no compiler and no built extension; ``backends()`` says 
 """
 
 from sphinx_kernels._backend import BackendStatus, backends
+from sphinx_kernels.moe import (
+    MoEAux,
+    grouped_mm,
+    load_balancing_loss,
+    moe_mlp,
+    permute,
+    route,
+    unpermute,
+)
 from sphinx_kernels.tiles import (
     CLIP_MEAN,
     CLIP_STD,
@@ -26,10 +35,17 @@ __all__ = [
     "IMAGENET_STD",
     "BackendStatus",
     "ImageBatch",
+    "MoEAux",
     "TilePlan",
     "backends",
+    "grouped_mm",
+    "load_balancing_loss",
+    "moe_mlp",
+    "permute",
     "plan_tiles",
     "resized_size",
+    "route",
     "tile_gather",
     "tile_gather_ref",
+    "unpermute",
 ]
