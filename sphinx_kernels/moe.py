@@ -44,7 +44,9 @@ __all__ = [
     "unpermute_ref",
 ]
 
-BACKENDS = ("cuda", "megablocks", "triton", "grouped_mm", "cpu", "torch")
+# Automatic order: "cpu" (compiled permutation + torch._grouped_mm) before the plain "grouped_mm" peer, which
+# it strictly contains; on CUDA tensors "cuda" is the compiled permutation + the Triton grouped GEMMs.
+BACKENDS = ("cuda", "megablocks", "triton", "cpu", "grouped_mm", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # torch._grouped_mm needs every non-unit stride to be a multiple of 16 bytes; odd K/N are zero-padded.
@@ -253,7 +255,9 @@ def _grouped_mm_kernel(
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     n_tiles = tl.cdiv(N, BLOCK_N)
-    m_tiles = tl.cdiv(M, BLOCK_M) + E  # upper bound on the per-expert tiles: sum ceil(n_e/BM) <= ceil(M/BM) + E
+    m_tiles = (
+        tl.cdiv(M, BLOCK_M) + E
+    )  # upper bound on the per-expert tiles: sum ceil(n_e/BM) <= ceil(M/BM) + E
     total = m_tiles * n_tiles
     for work in range(pid, total, num_programs):
         # Grouped order (GROUP_M M-tiles share each N sweep): neighbours in time reuse A and B tiles in L2.
@@ -366,7 +370,9 @@ def _grouped_dw_kernel(
         b_mask = row_ok[:, None] & col_ok[None, :]
         acc = tl.dot(a_t, tl.load(b_ptr + b_off, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
         if DUAL:
-            acc2 = tl.dot(a_t, tl.load(b2_ptr + b_off, mask=b_mask, other=0.0), acc2, input_precision=PRECISION)
+            acc2 = tl.dot(
+                a_t, tl.load(b2_ptr + b_off, mask=b_mask, other=0.0), acc2, input_precision=PRECISION
+            )
     o_off = expert.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
     o_mask = k_ok[:, None] & col_ok[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -424,7 +430,9 @@ def _dw_configs():
 
 
 if HAS_TRITON:
-    _grouped_mm_tuned = triton.autotune(configs=_gemm_configs(), key=["N", "K", "E", "MODE"])(_grouped_mm_kernel)
+    _grouped_mm_tuned = triton.autotune(configs=_gemm_configs(), key=["N", "K", "E", "MODE"])(
+        _grouped_mm_kernel
+    )
     _grouped_dw_tuned = triton.autotune(configs=_dw_configs(), key=["K", "N", "DUAL"])(_grouped_dw_kernel)
 
 
@@ -443,8 +451,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_grouped_mm(mode, a, b, offsets, out, *, a2=None, b2=None, out2=None, aux1=None, aux2=None,
-                       save_pre=False):
+def _launch_grouped_mm(
+    mode, a, b, offsets, out, *, a2=None, b2=None, out2=None, aux1=None, aux2=None, save_pre=False
+):
     M, K = a.shape
     E, _, N = b.shape
     if M == 0 or N == 0:
@@ -469,7 +478,12 @@ def _launch_grouped_mm(mode, a, b, offsets, out, *, a2=None, b2=None, out2=None,
         *b.stride(),
         *b2.stride(),
     )
-    meta = dict(MODE=mode, SAVE_PRE=save_pre, PRECISION=_precision(a.dtype), E_BLOCK=triton.next_power_of_2(E))
+    meta = dict(
+        MODE=mode,
+        SAVE_PRE=save_pre,
+        PRECISION=_precision(a.dtype),
+        E_BLOCK=max(16, triton.next_power_of_2(E)),
+    )
     if _backend.triton_interpreting() or a.device.type != "cuda":
         # The interpreter runs programs one after another: few, large-ish tiles and one work item each.
         bm, bn, bk = 16, 32, 32
@@ -533,8 +547,11 @@ def _torch_gmm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     align = _ALIGN_BYTES // a.element_size()
     N = b.shape[-1]
     a_p = _pad_to(a.contiguous(), 1, align)
-    b_p = _pad_to(_pad_to(b, 1, align), 2, align).contiguous()
-    return torch._grouped_mm(a_p, b_p, offsets)[:, :N].contiguous()
+    b_p = _pad_to(_pad_to(b, 1, align), 2, align)
+    if b_p.stride(-1) != 1 and b_p.stride(-2) != 1:
+        b_p = b_p.contiguous()  # _grouped_mm takes row- or column-major weights (w.transpose(1, 2) as is)
+    out = torch._grouped_mm(a_p, b_p, offsets)
+    return out if out.shape[1] == N else out[:, :N].contiguous()
 
 
 def _torch_gmm_dw(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -551,7 +568,9 @@ def _torch_gmm_dw(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, num_e
 def _megablocks_gmm(a, b, offsets, *, trans_a=False):
     from megablocks import grouped_gemm_util as gg  # optional peer
 
-    counts = torch.diff(offsets.to(torch.int64), prepend=offsets.new_zeros(1)).cpu()  # its API wants host sizes
+    counts = torch.diff(
+        offsets.to(torch.int64), prepend=offsets.new_zeros(1)
+    ).cpu()  # its API wants host sizes
     return gg.ops.gmm(a.contiguous(), b.contiguous(), counts, trans_a=trans_a)
 
 
@@ -623,8 +642,9 @@ def _unpermute_impl(y_sorted, row_map, weights, backend):
     tokens, k = row_map.shape
     out = torch.empty(tokens, y_sorted.shape[1], dtype=y_sorted.dtype, device=y_sorted.device)
     if out.numel():
-        _unpermute_kernel[(tokens,)](y_sorted, row_map, weights, out, y_sorted.shape[1], K_SLOTS=k,
-                                     BLOCK_D=_block_d(y_sorted.shape[1]))
+        _unpermute_kernel[(tokens,)](
+            y_sorted, row_map, weights, out, y_sorted.shape[1], K_SLOTS=k, BLOCK_D=_block_d(y_sorted.shape[1])
+        )
     return out
 
 
@@ -667,7 +687,9 @@ _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 
 @torch.library.custom_op("sphinx_kernels::unpermute", mutates_args=())
-def _unpermute_op(y_sorted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor, backend: str) -> torch.Tensor:
+def _unpermute_op(
+    y_sorted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor, backend: str
+) -> torch.Tensor:
     return _unpermute_impl(y_sorted, row_map, weights, backend)
 
 
@@ -688,7 +710,9 @@ def _unpermute_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         # Each sorted row belongs to exactly one (token, slot): a scatter, never a sum.
         rows = (weights.to(acc).unsqueeze(-1) * grad.to(acc).unsqueeze(1)).to(y_sorted.dtype)
-        grad_y = torch.empty_like(y_sorted).index_copy_(0, row_map.reshape(-1), rows.reshape(-1, grad.shape[1]))
+        grad_y = torch.empty_like(y_sorted).index_copy_(
+            0, row_map.reshape(-1), rows.reshape(-1, grad.shape[1])
+        )
     if ctx.needs_input_grad[2]:
         grad_w = (grad.to(acc).unsqueeze(1) * y_sorted[row_map].to(acc)).sum(-1).to(weights.dtype)
     return grad_y, None, grad_w, None
@@ -726,7 +750,9 @@ def _grouped_mm_setup(ctx, inputs, output):
 def _grouped_mm_backward(ctx, grad):
     x, w, offsets = ctx.saved_tensors
     grad = grad.contiguous()
-    grad_x = _grouped_mm_op(grad, w.transpose(1, 2), offsets, ctx.backend) if ctx.needs_input_grad[0] else None
+    grad_x = (
+        _grouped_mm_op(grad, w.transpose(1, 2), offsets, ctx.backend) if ctx.needs_input_grad[0] else None
+    )
     grad_w = _grouped_mm_dw_op(x, grad, offsets, ctx.backend) if ctx.needs_input_grad[1] else None
     return grad_x, grad_w, None, None
 
@@ -760,8 +786,9 @@ def _moe_experts_op(
     backend: str,
     save_pre: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _experts_forward(x_sorted, w1, w3, w2, offsets, _engine(backend, x_sorted.device, x_sorted.dtype),
-                            save_pre)
+    return _experts_forward(
+        x_sorted, w1, w3, w2, offsets, _engine(backend, x_sorted.device, x_sorted.dtype), save_pre
+    )
 
 
 @_moe_experts_op.register_fake
@@ -802,13 +829,16 @@ def _moe_experts_bwd_op(
         _launch_grouped_dw(x_sorted, da1, offsets, grad_w1, b2=da3, out2=grad_w3)
         return grad_x, grad_w1, grad_w3, grad_w2
     dh = _gemm(engine, grad, w2.transpose(1, 2), offsets)
-    acc = torch.float64 if dh.dtype == torch.float64 else torch.float32
-    a1f, a3f, dhf = a1.to(acc), a3.to(acc), dh.to(acc)
-    sig = torch.sigmoid(a1f)
-    da1 = (dhf * a3f * sig * (1 + a1f * (1 - sig))).to(dh.dtype)
-    da3 = (dhf * a1f * sig).to(dh.dtype)
+    # Four elementwise passes over (M, f) (silu_backward is one fused pass), as autograd would do.
+    da1 = torch.ops.aten.silu_backward(dh * a3, a1)
+    da3 = dh * F.silu(a1)
     grad_x = _gemm(engine, da1, w1.transpose(1, 2), offsets) + _gemm(engine, da3, w3.transpose(1, 2), offsets)
-    return grad_x, _gemm_dw(engine, x_sorted, da1, offsets, E), _gemm_dw(engine, x_sorted, da3, offsets, E), grad_w2
+    return (
+        grad_x,
+        _gemm_dw(engine, x_sorted, da1, offsets, E),
+        _gemm_dw(engine, x_sorted, da3, offsets, E),
+        grad_w2,
+    )
 
 
 @_moe_experts_bwd_op.register_fake
@@ -826,7 +856,9 @@ def _moe_experts_setup(ctx, inputs, output):
 def _moe_experts_backward(ctx, grad, _grad_h, _grad_a1, _grad_a3):
     x_sorted, w1, w3, w2, offsets, h, a1, a3 = ctx.saved_tensors
     if a1.shape[0] != x_sorted.shape[0]:
-        raise RuntimeError("sphinx_kernels::moe_experts ran with save_pre=False: its backward needs x@w1, x@w3")
+        raise RuntimeError(
+            "sphinx_kernels::moe_experts ran with save_pre=False: its backward needs x@w1, x@w3"
+        )
     grads = _moe_experts_bwd_op(grad.contiguous(), x_sorted, w1, w3, w2, offsets, h, a1, a3, ctx.backend)
     return (*grads, None, None, None)
 
@@ -834,7 +866,9 @@ def _moe_experts_backward(ctx, grad, _grad_h, _grad_a1, _grad_a3):
 _moe_experts_op.register_autograd(_moe_experts_backward, setup_context=_moe_experts_setup)
 
 
-if _backend.extension_has_kernel("moe_permute", "CPU") or _backend.extension_has_kernel("moe_permute", "CUDA"):
+if _backend.extension_has_kernel("moe_permute", "CPU") or _backend.extension_has_kernel(
+    "moe_permute", "CUDA"
+):
 
     @torch.library.register_fake("sphinx_kernels::moe_permute")
     def _(x, expert_ids, num_experts):

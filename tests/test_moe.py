@@ -109,7 +109,9 @@ def _run(backend, inputs, top_k, mask, grad_out):
 def _reference(inputs, top_k, mask, grad_out, dtype):
     leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
     out, probs, ids = loop_moe(*leaves, top_k=top_k, expert_mask=mask)
-    (out.to(grad_out.dtype if dtype != torch.float64 else torch.float64) * grad_out.to(out.dtype)).sum().backward()
+    (
+        out.to(grad_out.dtype if dtype != torch.float64 else torch.float64) * grad_out.to(out.dtype)
+    ).sum().backward()
     return out.detach(), probs.detach(), ids, [t.grad for t in leaves]
 
 
@@ -127,7 +129,9 @@ def test_moe_mlp_against_loop(backend, case):
 
     assert torch.equal(aux.expert_ids.sort(-1).values, ids64.sort(-1).values), "routing differs from the loop"
     assert_within_reference_error(out, ref64, ref32, name="out")
-    for name, g, g64, g32 in zip(("x", "router_weight", "w1", "w3", "w2"), grads, grads64, grads32, strict=True):
+    for name, g, g64, g32 in zip(
+        ("x", "router_weight", "w1", "w3", "w2"), grads, grads64, grads32, strict=True
+    ):
         assert g is not None and torch.isfinite(g).all(), f"grad {name} missing or poisoned"
         # atol: exact-zero gradients (E=1 or top_k=E: the renormalised weights are constant in the router).
         assert_within_reference_error(g, g64, g32, name=f"grad {name}", atol=1e-6)
@@ -154,7 +158,9 @@ def test_moe_mlp_fp16_within_2x_reference_error(backend):
     assert out.dtype == torch.float16
     assert torch.equal(aux.expert_ids.sort(-1).values, ids64.sort(-1).values)
     assert_within_reference_error(out, ref64, ref16, name="fp16 out")
-    for name, g, g64, g16 in zip(("x", "router_weight", "w1", "w3", "w2"), grads, grads64, grads16, strict=True):
+    for name, g, g64, g16 in zip(
+        ("x", "router_weight", "w1", "w3", "w2"), grads, grads64, grads16, strict=True
+    ):
         assert g.dtype == torch.float16
         assert_within_reference_error(g, g64, g16, name=f"fp16 grad {name}")
 
@@ -230,8 +236,9 @@ def test_grouped_mm_forward_backward(backend, case):
         yr = loop_grouped_mm(xr, wr, ends)
         (yr * dy.to(dtype)).sum().backward()
         results[dtype] = (yr.detach(), xr.grad, wr.grad)
-    for name, got, r64, r32 in zip(("y", "dx", "dw"), (y, xl.grad, wl.grad), results[torch.float64],
-                                   results[torch.float32], strict=True):
+    for name, got, r64, r32 in zip(
+        ("y", "dx", "dw"), (y, xl.grad, wl.grad), results[torch.float64], results[torch.float32], strict=True
+    ):
         assert got.shape == r64.shape and torch.isfinite(got).all(), f"{name} poisoned"
         if got.numel():
             assert_within_reference_error(got, r64, r32, name=name, atol=1e-6)
@@ -263,7 +270,9 @@ def test_grouped_mm_fp16_within_2x_reference_error(backend):
     offsets = torch.tensor(ends, dtype=torch.int32)
     y = sphinx_kernels.grouped_mm(x, w, offsets, backend=backend)
     assert y.dtype == torch.float16
-    assert_within_reference_error(y, loop_grouped_mm(x.double(), w.double(), ends), loop_grouped_mm(x, w, ends))
+    assert_within_reference_error(
+        y, loop_grouped_mm(x.double(), w.double(), ends), loop_grouped_mm(x, w, ends)
+    )
 
 
 def test_grouped_mm_rejects_bad_input():
@@ -297,7 +306,9 @@ def test_grouped_mm_megablocks_matches_loop():
     offsets = torch.tensor(ends, dtype=torch.int32, device="cuda")
     y = sphinx_kernels.grouped_mm(x, w, offsets, backend="megablocks")
     ref64 = loop_grouped_mm(x.cpu().double(), w.cpu().double(), ends)
-    assert_within_reference_error(y.cpu(), ref64, loop_grouped_mm(x.cpu().float(), w.cpu().float(), ends).bfloat16())
+    assert_within_reference_error(
+        y.cpu(), ref64, loop_grouped_mm(x.cpu().float(), w.cpu().float(), ends).bfloat16()
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,7 +340,9 @@ def test_route_topk_renormalised_and_pruning():
 
 
 def expected_permutation(x, ids, E):
-    rows = [(t, j) for e in range(E) for t in range(ids.shape[0]) for j in range(ids.shape[1]) if ids[t, j] == e]
+    rows = [
+        (t, j) for e in range(E) for t in range(ids.shape[0]) for j in range(ids.shape[1]) if ids[t, j] == e
+    ]
     ends = torch.tensor([int((ids <= e).sum()) for e in range(E)])
     return rows, ends
 
@@ -452,9 +465,8 @@ def test_torch_compile_fullgraph_through_moe_mlp():
         out, aux = moe.moe_mlp(x, rw, w1, w3, w2, top_k=2, backend=backend)
         return (out * out).sum() + 0.01 * aux.load_balancing_loss
 
-    # aot_eager: dynamo's full-graph capture and AOT autograd through the registered ops' fakes and autograd
-    # formulas (inductor's C++ code generation adds ~30 s on 2 cores and tests inductor, not these ops).
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    # The default (inductor) backend: ~30 s of C++ code generation on 2 cores, but it is what users run.
+    compiled = torch.compile(layer, fullgraph=True)
     leaves = [t.clone().requires_grad_() for t in inputs]
     compiled(*leaves).backward()
     eager = [t.clone().requires_grad_() for t in inputs]
@@ -471,16 +483,31 @@ def _opcheck_samples(backend):
     y = torch.randn(22, 16)
     return [
         (torch.ops.sphinx_kernels.permute, (x.requires_grad_(), ids, 3, backend)),
-        (torch.ops.sphinx_kernels.unpermute, (y.requires_grad_(), row_map, weights.requires_grad_(), backend)),
-        (torch.ops.sphinx_kernels.grouped_mm, (x_sorted.clone().requires_grad_(), w1.clone().requires_grad_(),
-                                               offsets, backend)),
+        (
+            torch.ops.sphinx_kernels.unpermute,
+            (y.requires_grad_(), row_map, weights.requires_grad_(), backend),
+        ),
+        (
+            torch.ops.sphinx_kernels.grouped_mm,
+            (x_sorted.clone().requires_grad_(), w1.clone().requires_grad_(), offsets, backend),
+        ),
         (torch.ops.sphinx_kernels.grouped_mm_dw, (x_sorted, torch.randn(22, 24), offsets, backend)),
-        (torch.ops.sphinx_kernels.moe_experts, (x_sorted.clone().requires_grad_(), w1, w3.requires_grad_(),
-                                                w2.requires_grad_(), offsets, backend, True)),
+        (
+            torch.ops.sphinx_kernels.moe_experts,
+            (
+                x_sorted.clone().requires_grad_(),
+                w1,
+                w3.requires_grad_(),
+                w2.requires_grad_(),
+                offsets,
+                backend,
+                True,
+            ),
+        ),
     ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["cpu", "grouped_mm", "triton"])
 def test_opcheck_registered_ops(backend):
     _ext_or_skip(backend)
     torch.use_deterministic_algorithms(False)
@@ -525,7 +552,9 @@ def test_moe_mlp_bf16_gpu(backend):
     ref16, _, _, grads16 = _reference([t.bfloat16() for t in inputs], k, None, grad_out, torch.bfloat16)
     assert torch.equal(aux.expert_ids.cpu().sort(-1).values, ids64.sort(-1).values)
     assert_within_reference_error(out.cpu(), ref64, ref16, name="bf16 out")
-    for name, t, g64, g16 in zip(("x", "router_weight", "w1", "w3", "w2"), leaves, grads64, grads16, strict=True):
+    for name, t, g64, g16 in zip(
+        ("x", "router_weight", "w1", "w3", "w2"), leaves, grads64, grads16, strict=True
+    ):
         assert_within_reference_error(t.grad.cpu(), g64, g16, name=f"bf16 grad {name}")
 
 

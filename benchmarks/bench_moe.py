@@ -1,0 +1,203 @@
+"""Benchmark the grouped MoE expert layer (`moe_mlp`, forward and forward + backward).
+
+CPU: Mixtral's shape scaled down 8x (d 512, f 1792, E 8, top 2, 2048 tokens), each backend that is a CPU
+backend (the Triton interpreter is a correctness tool, not one) against the per-expert loop reference and
+against ``torch._grouped_mm`` on tokens already sorted by expert (the issue's peer: no routing, no
+permutation), as median ratios; the ceiling is this CPU's dense GEMM rate at the same FLOPs.
+
+GPU (when CUDA is available): Mixtral shapes (d 4096, f 14336, E 8, top 2; 4k, 16k, 32k tokens; balanced
+and skewed routing), bf16, TFLOP/s of the expert MLP per backend next to a dense GEMM of the same FLOPs.
+
+    PYTHONPATH=. python benchmarks/bench_moe.py [--quick] [--no-gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Row, median_seconds, print_table, write_rows  # noqa: E402
+
+import sphinx_kernels  # noqa: E402
+from sphinx_kernels import _backend, moe  # noqa: E402
+
+
+def expert_flops(tokens: int, top_k: int, d: int, f: int, backward: bool) -> float:
+    """3 GEMMs of 2*d*f per (token, slot) forward; backward is twice that (dX and dW per GEMM)."""
+    fwd = 6.0 * tokens * top_k * d * f
+    return fwd * (3.0 if backward else 1.0)
+
+
+def make_layer(tokens, d, f, E, dtype, device, *, skew=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g)
+    rw = torch.randn(E, d, generator=g) / d**0.5
+    if skew:
+        # A constant input feature steers the router: expert e gets logit bias -skew * e (Zipf-like load).
+        x[:, 0] = 1.0
+        rw[:, 0] = -skew * torch.arange(E, dtype=torch.float32)
+    w1 = torch.randn(E, d, f, generator=g) / d**0.5
+    w3 = torch.randn(E, d, f, generator=g) / d**0.5
+    w2 = torch.randn(E, f, d, generator=g) / f**0.5
+    return [t.to(device=device, dtype=dtype) for t in (x, rw, w1, w3, w2)]
+
+
+def moe_step(tensors, top_k, backend, backward):
+    leaves = [t.detach().requires_grad_(backward) for t in tensors]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        with torch.set_grad_enabled(backward):
+            out, aux = moe.moe_mlp(*leaves, top_k=top_k, backend=backend)
+            if backward:
+                (out.float().square().mean() + 0.01 * aux.load_balancing_loss).backward()
+        return out
+
+    return step
+
+
+def grouped_mm_peer_step(tensors, top_k, backward):
+    """torch._grouped_mm on tokens already sorted by expert: the expert MLP alone, the issue's peer."""
+    x, rw, w1, w3, w2 = tensors
+    E = rw.shape[0]
+    with torch.no_grad():
+        _, ids = torch.topk(x.float() @ rw.float().T, top_k, dim=-1)
+        x_sorted, _, offsets = moe.permute_ref(x, ids, E)
+    leaves = [t.detach().requires_grad_(backward) for t in (x_sorted, w1, w3, w2)]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        xs, a, b, c = leaves
+        with torch.set_grad_enabled(backward):
+            h = F.silu(torch._grouped_mm(xs, a, offsets)) * torch._grouped_mm(xs, b, offsets)
+            y = torch._grouped_mm(h, c, offsets)
+            if backward:
+                y.backward(torch.ones_like(y))
+        return y
+
+    return step
+
+
+def dense_rate(tokens, top_k, d, f, dtype, device) -> float:
+    """FLOP/s of one dense GEMM with the expert MLP's forward FLOPs: (T*k, d) @ (d, 3f)."""
+    a = torch.randn(tokens * top_k, d, dtype=dtype, device=device)
+    b = torch.randn(d, 3 * f, dtype=dtype, device=device)
+    seconds = median_seconds(lambda: a @ b, device, repeats=5, warmup=1)
+    return 2.0 * tokens * top_k * d * 3 * f / seconds
+
+
+def cpu_rows(quick: bool) -> list[Row]:
+    tokens, d, f, E, k = (512, 256, 896, 8, 2) if quick else (2048, 512, 1792, 8, 2)
+    shape = f"T={tokens} d={d} f={f} E={E} k={k} fp32"
+    tensors = make_layer(tokens, d, f, E, torch.float32, "cpu")
+    ceiling = dense_rate(tokens, k, d, f, torch.float32, "cpu") / 1e12
+    rows = []
+    backends = ["torch"] + [
+        b for b in ("cpu", "grouped_mm") if _backend._runs_on(b, torch.device("cpu"), "moe_permute")[0]
+    ]
+    for backward in (False, True):
+        case = f"moe_mlp {'fwd+bwd' if backward else 'fwd'} (cpu)"
+        flops = expert_flops(tokens, k, d, f, backward)
+        timings = {}
+        for b in backends:
+            timings[b] = median_seconds(moe_step(tensors, k, b, backward), "cpu", repeats=5, warmup=1)
+        if hasattr(torch, "_grouped_mm"):
+            timings["_grouped_mm sorted (peer)"] = median_seconds(
+                grouped_mm_peer_step(tensors, k, backward), "cpu", repeats=5, warmup=1
+            )
+        peer = timings.get("_grouped_mm sorted (peer)")
+        for b, s in timings.items():
+            note = f"{timings['torch'] / s:.2f}x loop"
+            if peer:
+                note += f", {peer / s:.2f}x _grouped_mm-sorted"
+            rows.append(Row("moe", case, b, shape, s, flops / s / 1e12, "TFLOP/s", round(ceiling, 4), note))
+    return rows
+
+
+def gpu_rows(quick: bool) -> list[Row]:
+    d, f, E, k = 4096, 14336, 8, 2
+    dtype = torch.bfloat16
+    rows = []
+    backends = [
+        b
+        for b in ("triton", "cuda", "grouped_mm", "megablocks", "torch")
+        if _backend._runs_on(b, torch.device("cuda"), "moe_permute")[0]
+    ]
+    for tokens in (4096,) if quick else (4096, 16384, 32768):
+        ceiling = dense_rate(tokens, k, d, f, dtype, "cuda") / 1e12
+        for skew in (0.0, 1.0):
+            tensors = make_layer(tokens, d, f, E, dtype, "cuda", skew=skew)
+            routing = "skewed" if skew else "balanced"
+            shape = f"T={tokens} d={d} f={f} E={E} k={k} bf16 {routing}"
+            for backward in (False, True):
+                case = f"moe_mlp {'fwd+bwd' if backward else 'fwd'} T={tokens} {routing}"
+                flops = expert_flops(tokens, k, d, f, backward)
+                for b in backends:
+                    try:
+                        s = median_seconds(moe_step(tensors, k, b, backward), "cuda")
+                    except Exception as exc:  # a peer failing on a shape must not hide the other rows
+                        print(f"  {b}: failed ({type(exc).__name__}: {exc})")
+                        continue
+                    rows.append(
+                        Row(
+                            "moe",
+                            case,
+                            b,
+                            shape,
+                            s,
+                            flops / s / 1e12,
+                            "TFLOP/s",
+                            round(ceiling, 1),
+                            "ceiling: dense bf16 GEMM of the same FLOPs",
+                        )
+                    )
+                if hasattr(torch, "_grouped_mm"):
+                    s = median_seconds(grouped_mm_peer_step(tensors, k, backward), "cuda")
+                    rows.append(
+                        Row(
+                            "moe",
+                            case,
+                            "_grouped_mm sorted (peer)",
+                            shape,
+                            s,
+                            flops / s / 1e12,
+                            "TFLOP/s",
+                            round(ceiling, 1),
+                            "expert MLP only, tokens pre-sorted",
+                        )
+                    )
+            del tensors
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
+    parser.add_argument("--no-gpu", action="store_true", help="CPU rows only")
+    parser.add_argument("--no-cpu", action="store_true", help="GPU rows only")
+    args = parser.parse_args()
+    print("backends:", *sphinx_kernels.backends().values(), sep="\n  ")
+    rows = []
+    if not args.no_cpu:
+        cpu = cpu_rows(args.quick)
+        print_table(cpu, baseline="torch")
+        rows += cpu
+    if torch.cuda.is_available() and not args.no_gpu:
+        gpu = gpu_rows(args.quick)
+        print_table(gpu, baseline="_grouped_mm sorted (peer)")
+        rows += gpu
+    if rows:
+        print(f"\nrows appended to {write_rows(rows, 'moe')}")
+
+
+if __name__ == "__main__":
+    main()
