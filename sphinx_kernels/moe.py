@@ -956,10 +956,7 @@ def route(
     return weights, ids
 
 
-@torch.compiler.assume_constant_result
 def _select(device: torch.device, backend: str | None) -> str:
-    # Evaluated once at trace time under torch.compile (the choice reads the environment and imports the
-    # extension, which dynamo cannot trace); eager calls decide per call.
     return _backend.select("moe", BACKENDS, device, op="moe_permute", backend=backend)
 
 
