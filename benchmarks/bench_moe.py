@@ -14,7 +14,9 @@ and skewed routing), bf16, TFLOP/s of the expert MLP per backend next to a dense
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -86,6 +88,20 @@ def grouped_mm_peer_step(tensors, top_k, backward):
     return step
 
 
+def interleaved(fns: dict, device: str, rounds: int) -> dict[str, float]:
+    """Median seconds per candidate. On the CPU the candidates take turns, one run each per round, so load from
+    other processes (this machine is shared) hits every candidate alike; on the GPU do_bench per candidate."""
+    if device == "cuda":
+        return {name: median_seconds(fn, device) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_seconds(fn, device, repeats=1, warmup=0))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def dense_rate(tokens, top_k, d, f, dtype, device) -> float:
     """FLOP/s of one dense GEMM with the expert MLP's forward FLOPs: (T*k, d) @ (d, 3f)."""
     a = torch.randn(tokens * top_k, d, dtype=dtype, device=device)
@@ -106,13 +122,10 @@ def cpu_rows(quick: bool) -> list[Row]:
     for backward in (False, True):
         case = f"moe_mlp {'fwd+bwd' if backward else 'fwd'} (cpu)"
         flops = expert_flops(tokens, k, d, f, backward)
-        timings = {}
-        for b in backends:
-            timings[b] = median_seconds(moe_step(tensors, k, b, backward), "cpu", repeats=5, warmup=1)
+        fns = {b: moe_step(tensors, k, b, backward) for b in backends}
         if hasattr(torch, "_grouped_mm"):
-            timings["_grouped_mm sorted (peer)"] = median_seconds(
-                grouped_mm_peer_step(tensors, k, backward), "cpu", repeats=5, warmup=1
-            )
+            fns["_grouped_mm sorted (peer)"] = grouped_mm_peer_step(tensors, k, backward)
+        timings = interleaved(fns, "cpu", rounds=3 if quick else 5)
         peer = timings.get("_grouped_mm sorted (peer)")
         for b, s in timings.items():
             note = f"{timings['torch'] / s:.2f}x loop"
@@ -122,9 +135,12 @@ def cpu_rows(quick: bool) -> list[Row]:
     return rows
 
 
-def gpu_rows(quick: bool) -> list[Row]:
+def gpu_rows(quick: bool, budget_s: float) -> list[Row]:
+    """Mixtral shapes, bf16. Rows are appended to the CSV case by case and the sweep stops once `budget_s` is
+    spent (the prepared GPU check gives each benchmark 120 s, autotuning included)."""
     d, f, E, k = 4096, 14336, 8, 2
     dtype = torch.bfloat16
+    start = time.monotonic()
     rows = []
     backends = [
         b
@@ -137,43 +153,29 @@ def gpu_rows(quick: bool) -> list[Row]:
             tensors = make_layer(tokens, d, f, E, dtype, "cuda", skew=skew)
             routing = "skewed" if skew else "balanced"
             shape = f"T={tokens} d={d} f={f} E={E} k={k} bf16 {routing}"
-            for backward in (False, True):
+            for backward in (True, False):
+                if time.monotonic() - start > budget_s:
+                    print(f"time budget of {budget_s:.0f} s spent: stopping the GPU sweep")
+                    return rows
                 case = f"moe_mlp {'fwd+bwd' if backward else 'fwd'} T={tokens} {routing}"
                 flops = expert_flops(tokens, k, d, f, backward)
-                for b in backends:
-                    try:
-                        s = median_seconds(moe_step(tensors, k, b, backward), "cuda")
-                    except Exception as exc:  # a peer failing on a shape must not hide the other rows
-                        print(f"  {b}: failed ({type(exc).__name__}: {exc})")
-                        continue
-                    rows.append(
-                        Row(
-                            "moe",
-                            case,
-                            b,
-                            shape,
-                            s,
-                            flops / s / 1e12,
-                            "TFLOP/s",
-                            round(ceiling, 1),
-                            "ceiling: dense bf16 GEMM of the same FLOPs",
-                        )
-                    )
+                fns = {b: moe_step(tensors, k, b, backward) for b in backends}
                 if hasattr(torch, "_grouped_mm"):
-                    s = median_seconds(grouped_mm_peer_step(tensors, k, backward), "cuda")
-                    rows.append(
-                        Row(
-                            "moe",
-                            case,
-                            "_grouped_mm sorted (peer)",
-                            shape,
-                            s,
-                            flops / s / 1e12,
-                            "TFLOP/s",
-                            round(ceiling, 1),
-                            "expert MLP only, tokens pre-sorted",
-                        )
+                    fns["_grouped_mm sorted (peer)"] = grouped_mm_peer_step(tensors, k, backward)
+                case_rows = []
+                for name, fn in fns.items():
+                    try:
+                        s = median_seconds(fn, "cuda")
+                    except Exception as exc:  # a peer failing on a shape must not hide the other rows
+                        print(f"  {name}: failed ({type(exc).__name__}: {exc})")
+                        continue
+                    note = "ceiling: dense bf16 GEMM of the same FLOPs"
+                    case_rows.append(
+                        Row("moe", case, name, shape, s, flops / s / 1e12, "TFLOP/s", round(ceiling, 1), note)
                     )
+                print_table(case_rows, baseline="_grouped_mm sorted (peer)")
+                write_rows(case_rows, "moe")
+                rows += case_rows
             del tensors
             torch.cuda.empty_cache()
     return rows
@@ -184,6 +186,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
     parser.add_argument("--no-gpu", action="store_true", help="CPU rows only")
     parser.add_argument("--no-cpu", action="store_true", help="GPU rows only")
+    parser.add_argument("--gpu-budget", type=float, default=90.0, help="seconds for the GPU sweep")
     args = parser.parse_args()
     print("backends:", *sphinx_kernels.backends().values(), sep="\n  ")
     rows = []
@@ -191,12 +194,10 @@ def main() -> None:
         cpu = cpu_rows(args.quick)
         print_table(cpu, baseline="torch")
         rows += cpu
-    if torch.cuda.is_available() and not args.no_gpu:
-        gpu = gpu_rows(args.quick)
-        print_table(gpu, baseline="_grouped_mm sorted (peer)")
-        rows += gpu
     if rows:
-        print(f"\nrows appended to {write_rows(rows, 'moe')}")
+        print(f"\nCPU rows appended to {write_rows(rows, 'moe')}")
+    if torch.cuda.is_available() and not args.no_gpu:
+        gpu_rows(args.quick, args.gpu_budget)
 
 
 if __name__ == "__main__":
