@@ -824,7 +824,8 @@ def _moe_experts_bwd_op(
         _launch_grouped_mm(_SWIGLU_BWD, grad, w2.transpose(1, 2), offsets, da1, out2=da3, aux1=a1, aux2=a3)
         grad_x = torch.empty_like(x_sorted)
         _launch_grouped_mm(_DUAL, da1, w1.transpose(1, 2), offsets, grad_x, a2=da3, b2=w3.transpose(1, 2))
-        grad_w1, grad_w3 = torch.empty_like(w1), torch.empty_like(w3)
+        # Contiguous (E, d, f) whatever w1's strides (a transposed checkpoint view): the kernel writes rows.
+        grad_w1, grad_w3 = w1.new_empty(w1.shape), w3.new_empty(w3.shape)
         _launch_grouped_dw(x_sorted, da1, offsets, grad_w1, b2=da3, out2=grad_w3)
         return grad_x, grad_w1, grad_w3, grad_w2
     dh = _gemm(engine, grad, w2.transpose(1, 2), offsets)
@@ -842,7 +843,7 @@ def _moe_experts_bwd_op(
 
 @_moe_experts_bwd_op.register_fake
 def _(grad, x_sorted, w1, w3, w2, offsets, h, a1, a3, backend):
-    return torch.empty_like(x_sorted), torch.empty_like(w1), torch.empty_like(w3), torch.empty_like(w2)
+    return tuple(t.new_empty(t.shape) for t in (x_sorted, w1, w3, w2))
 
 
 def _moe_experts_setup(ctx, inputs, output):

@@ -187,6 +187,21 @@ def test_moe_mlp_no_grad_and_float64_on_the_loop_backends():
             moe.moe_mlp(*[t.double() for t in inputs], top_k=2, backend="triton")
 
 
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_moe_mlp_transposed_weight_views(backend):
+    # Checkpoints store expert weights (f, d) per expert (nn.Linear): users pass w1 as a transposed view.
+    x, rw, w1, w3, w2 = make_inputs(10, 12, 14, 3, seed=17)
+    views = [w.transpose(1, 2).contiguous().requires_grad_() for w in (w1, w3, w2)]
+    out, _ = moe.moe_mlp(x, rw, *[v.transpose(1, 2) for v in views], top_k=2, backend=backend)
+    out.square().sum().backward()
+    dense = [w.clone().requires_grad_() for w in (w1, w3, w2)]
+    ref, _ = moe.moe_mlp(x, rw, *dense, top_k=2, backend=backend)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for v, d in zip(views, dense, strict=True):
+        torch.testing.assert_close(v.grad.transpose(1, 2), d.grad)
+
+
 def test_moe_mlp_automatic_backend_choice():
     inputs = make_inputs(9, 10, 12, 3, seed=13)
     with torch.no_grad():
