@@ -102,6 +102,8 @@ CASES = {
     "E1": (7, 12, 10, 1, 1, {}),
     "topk_E": (9, 10, 11, 3, 3, {}),
     "pruned": (12, 11, 13, 5, 2, {"mask": (True, False, True, False, True)}),
+    # Several M tiles per expert, K loops with a tail, several N tiles (interpreter blocks are 16 x 32 x 32).
+    "multi_tile": (40, 45, 70, 3, 2, {}),
 }
 
 
@@ -202,6 +204,16 @@ def test_moe_mlp_transposed_weight_views(backend):
         torch.testing.assert_close(v.grad.transpose(1, 2), d.grad)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_moe_mlp_no_tokens(backend):
+    x, rw, w1, w3, w2 = [t.requires_grad_() for t in make_inputs(0, 8, 16, 3, seed=19)]
+    out, aux = moe.moe_mlp(x, rw, w1, w3, w2, top_k=2, backend=backend)
+    assert out.shape == (0, 8) and aux.tokens_per_expert.tolist() == [0, 0, 0]
+    (out.sum() + aux.load_balancing_loss).backward()
+    for t in (w1, w3, w2):
+        assert t.grad is None or torch.equal(t.grad, torch.zeros_like(t))
+
+
 def test_moe_mlp_automatic_backend_choice():
     inputs = make_inputs(9, 10, 12, 3, seed=13)
     with torch.no_grad():
@@ -227,13 +239,11 @@ def test_moe_mlp_eval_topk_differs_from_training():
 
 
 def loop_grouped_mm(x, w, ends):
-    out = torch.zeros(x.shape[0], w.shape[-1], dtype=x.dtype) + 0 * (x.sum() + w.sum())  # grads even for M=0
-    start = 0
-    for e, end in enumerate(ends):
-        for r in range(start, end):
-            out[r] = x[r] @ w[e]
-        start = end
-    return out
+    """The plain loop over experts, one matmul per group (the PyTorch reference of the 2x rule)."""
+    parts = [torch.zeros(0, w.shape[-1], dtype=x.dtype) + 0 * (x.sum() + w.sum())]  # grads even for M=0
+    for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        parts.append(x[start:end] @ w[e])
+    return torch.cat(parts)
 
 
 GROUPS = {
@@ -241,6 +251,7 @@ GROUPS = {
     "one_group": (9, 8, 12, [0, 9, 9]),  # everything on expert 1
     "E1": (7, 5, 3, [7]),
     "round": (48, 32, 32, [16, 16, 40, 48]),
+    "multi_tile": (70, 45, 70, [33, 33, 70]),
     "zero_rows": (0, 8, 8, [0, 0]),
 }
 
