@@ -8,10 +8,12 @@ data movement is checked bit-exactly.
 
 import importlib.util
 
+import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import HAS_CUDA, assert_within_reference_error
+from hypothesis import HealthCheck, given, settings
 
 import sphinx_kernels
 from sphinx_kernels import _backend, moe
@@ -435,6 +437,32 @@ def test_permute_unpermute_gradients(backend):
     dw = scale * (x.double() * dout.double()).sum(-1)[:, None]
     torch.testing.assert_close(x.grad.double(), dx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(weights.grad.double(), dw, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tokens=st.integers(0, 40),
+    d=st.integers(1, 9),
+    E=st.integers(1, 6),
+    k=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    backend=st.sampled_from(["torch", "cpu", "triton"]),
+)
+def test_permute_round_trip_property(tokens, d, E, k, seed, backend):
+    if backend == "cpu" and "cpu" not in CPU_BACKENDS:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g)
+    ids = torch.randint(0, E, (tokens, k), generator=g)  # repeats allowed: permute does not need distinct ids
+    x_sorted, row_map, offsets = sphinx_kernels.permute(x, ids, E, backend=backend)
+    assert torch.equal(x_sorted[row_map.reshape(-1)], x.repeat_interleave(k, 0))
+    assert torch.equal(torch.sort(row_map.reshape(-1)).values, torch.arange(tokens * k))
+    assert torch.equal(offsets.long(), torch.bincount(ids.reshape(-1), minlength=E).cumsum(0))
+    sorted_ids = ids.reshape(-1)[torch.argsort(row_map.reshape(-1))]
+    assert bool((sorted_ids.diff() >= 0).all())
+    if tokens:
+        onehot = F.one_hot(torch.randint(0, k, (tokens,), generator=g), k).float()
+        assert torch.equal(sphinx_kernels.unpermute(x_sorted, row_map, onehot, backend=backend), x)
 
 
 def test_permute_rejects_bad_input():
