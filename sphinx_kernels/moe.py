@@ -829,16 +829,17 @@ def _moe_experts_bwd_op(
         _launch_grouped_dw(x_sorted, da1, offsets, grad_w1, b2=da3, out2=grad_w3)
         return grad_x, grad_w1, grad_w3, grad_w2
     dh = _gemm(engine, grad, w2.transpose(1, 2), offsets)
-    # Four elementwise passes over (M, f) (silu_backward is one fused pass), as autograd would do.
-    da1 = torch.ops.aten.silu_backward(dh * a3, a1)
+    # Elementwise SwiGLU backward: silu_backward is one fused pass. Each (M, f) temporary is dropped as soon
+    # as it is consumed: on the CPU fresh large buffers cost page faults (~7% of the layer at d 512, f 1792).
     da3 = dh * F.silu(a1)
-    grad_x = _gemm(engine, da1, w1.transpose(1, 2), offsets) + _gemm(engine, da3, w3.transpose(1, 2), offsets)
-    return (
-        grad_x,
-        _gemm_dw(engine, x_sorted, da1, offsets, E),
-        _gemm_dw(engine, x_sorted, da3, offsets, E),
-        grad_w2,
-    )
+    da1 = torch.ops.aten.silu_backward(dh.mul_(a3), a1)
+    del dh
+    grad_x = _gemm(engine, da1, w1.transpose(1, 2), offsets)
+    grad_w1 = _gemm_dw(engine, x_sorted, da1, offsets, E)
+    del da1
+    grad_x.add_(_gemm(engine, da3, w3.transpose(1, 2), offsets))
+    grad_w3 = _gemm_dw(engine, x_sorted, da3, offsets, E)
+    return grad_x, grad_w1, grad_w3, grad_w2
 
 
 @_moe_experts_bwd_op.register_fake
