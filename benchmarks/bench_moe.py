@@ -105,6 +105,31 @@ def interleaved(fns: dict, device: str, rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def loop_peer_step(tensors, top_k, backward):
+    """A per-expert loop of matmuls on tokens already sorted by expert (the issue's "loop"): no routing."""
+    x, rw, w1, w3, w2 = tensors
+    with torch.no_grad():
+        _, ids = torch.topk(x.float() @ rw.float().T, top_k, dim=-1)
+        x_sorted, _, offsets = moe.permute_ref(x, ids, rw.shape[0])
+    ends = offsets.tolist()
+    bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+    leaves = [t.detach().requires_grad_(backward) for t in (x_sorted, w1, w3, w2)]
+    grad = torch.randn_like(x_sorted)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        xs, a, b, c = leaves
+        with torch.set_grad_enabled(backward):
+            parts = [(F.silu(xs[s:e] @ a[i]) * (xs[s:e] @ b[i])) @ c[i] for i, (s, e) in enumerate(bounds)]
+            y = torch.cat(parts)
+            if backward:
+                y.backward(grad)
+        return y
+
+    return step
+
+
 def dense_rate(tokens, top_k, d, f, dtype, device) -> float:
     """FLOP/s of one dense GEMM with the expert MLP's forward FLOPs: (T*k, d) @ (d, 3f)."""
     a = torch.randn(tokens * top_k, d, dtype=dtype, device=device)
@@ -126,12 +151,13 @@ def cpu_rows(quick: bool) -> list[Row]:
         case = f"moe_mlp {'fwd+bwd' if backward else 'fwd'} (cpu)"
         flops = expert_flops(tokens, k, d, f, backward)
         fns = {b: moe_step(tensors, k, b, backward) for b in backends}
+        fns["loop sorted (peer)"] = loop_peer_step(tensors, k, backward)
         if hasattr(torch, "_grouped_mm"):
             fns["_grouped_mm sorted (peer)"] = grouped_mm_peer_step(tensors, k, backward)
         timings = interleaved(fns, "cpu", rounds=3 if quick else 5)
         peer = timings.get("_grouped_mm sorted (peer)")
         for b, s in timings.items():
-            note = f"{timings['torch'] / s:.2f}x loop"
+            note = f"{timings['torch'] / s:.2f}x torch, {timings['loop sorted (peer)'] / s:.2f}x loop-sorted"
             if peer:
                 note += f", {peer / s:.2f}x _grouped_mm-sorted"
             rows.append(Row("moe", case, b, shape, s, flops / s / 1e12, "TFLOP/s", round(ceiling, 4), note))
@@ -163,6 +189,7 @@ def gpu_rows(quick: bool, budget_s: float) -> list[Row]:
                 case = f"moe_mlp {'fwd+bwd' if backward else 'fwd'} T={tokens} {routing}"
                 flops = expert_flops(tokens, k, d, f, backward)
                 fns = {b: moe_step(tensors, k, b, backward) for b in backends}
+                fns["loop sorted (peer)"] = loop_peer_step(tensors, k, backward)
                 if hasattr(torch, "_grouped_mm"):
                     fns["_grouped_mm sorted (peer)"] = grouped_mm_peer_step(tensors, k, backward)
                 case_rows = []
@@ -201,7 +228,9 @@ def main() -> None:
     rows = []
     if not args.no_cpu:
         cpu = cpu_rows(args.quick)
-        print_table(cpu, baseline="torch")
+        print_table(cpu, baseline="_grouped_mm sorted (peer)")
+        for r in cpu:
+            print(f"  {r.case:<22} {r.backend:<26} {r.note}")
         rows += cpu
     if rows:
         print(f"\nCPU rows appended to {write_rows(rows, 'moe')}")
