@@ -7,6 +7,7 @@ data movement is checked bit-exactly.
 """
 
 import importlib.util
+import os
 
 import hypothesis.strategies as st
 import pytest
@@ -592,6 +593,25 @@ def test_opcheck_extension_ops():
     torch.library.opcheck(torch.ops.sphinx_kernels.moe_permute, (x, ids, 3))
     x_sorted, row_map, _ = torch.ops.sphinx_kernels.moe_permute(x, ids, 3)
     torch.library.opcheck(torch.ops.sphinx_kernels.moe_unpermute, (x_sorted, row_map, torch.rand(7, 2)))
+
+
+def test_extension_registers_moe_kernels():
+    """The C++ kernels are in the build: CPU always, CUDA wherever the build found nvcc (proves moe.cu
+    compiled and linked even on a machine that cannot run it)."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    assert _backend.extension_has_kernel("moe_permute", "CPU"), _backend._extension()[1]
+    assert _backend.extension_has_kernel("moe_unpermute", "CPU")
+    nvcc = torch.version.cuda and CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").exists()
+    if (
+        nvcc
+        and os.environ.get("SPHINX_KERNELS_CUDA") != "0"
+        and _backend.extension_has_kernel("tile_gather_out", "CUDA")
+    ):
+        assert _backend.extension_has_kernel("moe_permute", "CUDA")
+        assert _backend.extension_has_kernel("moe_unpermute", "CUDA")
 
 
 def test_exported_names():
