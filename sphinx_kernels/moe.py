@@ -409,14 +409,18 @@ def _unpermute_kernel(y_ptr, row_map_ptr, w_ptr, out_ptr, D, K_SLOTS: tl.constex
 
 def _gemm_configs():
     # H100/H200 bf16: 128x128/128x256 tiles with 64-deep K steps and 3-4 stages are the usual cuBLAS-class
-    # shapes; 64-row tiles help skewed routing (many short expert groups). Three configs only: each mode
-    # (6 GEMM shapes in a training step) autotunes once, and compiling a config takes seconds.
+    # shapes; 64-row tiles help skewed routing (many short expert groups). Few configs: each mode
+    # (6 GEMM shapes in a training step) autotunes once, and compiling a config takes seconds. Configs that
+    # do not fit in shared memory for a mode/dtype are skipped by the autotuner (OutOfResources).
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
             (128, 128, 64, 8, 3),
             (128, 256, 64, 8, 3),
             (64, 128, 64, 4, 4),
+            # Last: the one that fits every mode and dtype in shared memory (fp32 _DUAL streams four tiles per
+            # stage: 64 KB here, 384 KB with the configs above; sm_90 has 227 KB), checked by the tests.
+            (64, 64, 32, 4, 2),
         ]
     ]
 
@@ -424,7 +428,11 @@ def _gemm_configs():
 def _dw_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [(64, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
+        for bm, bn, bk, w, s in [
+            (64, 128, 128, 8, 3),
+            (64, 128, 64, 4, 4),
+            (32, 64, 64, 4, 2),
+        ]  # last fits all
     ]
 
 

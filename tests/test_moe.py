@@ -621,14 +621,23 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from sphinx_kernels import moe
 
-def build(fn, types, consts, target, ones=()):
+SMEM_SM90 = 232448  # bytes of shared memory per block on H100/H200
+
+def build(fn, types, consts, target, ones=(), config=None):
     names = list(inspect.signature(fn.fn).parameters)
+    options = {"num_warps": 4, "num_stages": 2}
+    if config is not None:  # the autotuner's last config: the one that must fit for every mode and dtype
+        consts = {**consts, **config.kwargs}
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     sig = {n: ("constexpr" if n in consts or n in ones else types.get(n, "i32")) for n in names}
     consts = {**consts, **{n: 1 for n in ones}}
     # What a real launch specialises: 16-divisible pointers and strides, unit strides as constants.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in consts and sig[n] != "constexpr"}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
-                          options={"num_warps": 8, "num_stages": 3})
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target, options=options)
+    assert k.metadata.shared <= SMEM_SM90, (fn.fn.__name__, consts, k.metadata.shared)
+    return k
+
+gemm_fit, dw_fit = moe._gemm_configs()[-1], moe._dw_configs()[-1]
 
 for arch in (90, 80):
     target = GPUTarget("cuda", arch, 32)
@@ -638,16 +647,16 @@ for arch in (90, 80):
         precision = "ieee" if dtype == "fp32" else "tf32"
         for mode in (0, 1, 2, 3):
             ones = ("stride_ak", "stride_bn", "stride_b2n") if mode in (0, 1) else ("stride_ak", "stride_bk", "stride_b2k")
-            k = build(moe._grouped_mm_kernel, ptrs, dict(MODE=mode, SAVE_PRE=mode == 1, PRECISION=precision, E_BLOCK=16,
-                      BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), target, ones)
+            k = build(moe._grouped_mm_kernel, ptrs, dict(MODE=mode, SAVE_PRE=mode == 1, PRECISION=precision, E_BLOCK=16),
+                      target, ones, gemm_fit)
             if arch == 90 and dtype == "bf16" and mode == 1:
                 ptx = k.asm["ptx"]
                 assert "wgmma.mma_async" in ptx and "cp.async" in ptx, "fused GEMM lost wgmma or its cp.async pipeline"
         dw_ptrs = {n: "*" + dtype for n in ("a_ptr", "b_ptr", "b2_ptr", "out_ptr", "out2_ptr")}
         dw_ptrs["offsets_ptr"] = "*i32"
         for dual in (False, True):
-            build(moe._grouped_dw_kernel, dw_ptrs, dict(DUAL=dual, PRECISION=precision, BLOCK_M=64, BLOCK_N=128,
-                  BLOCK_K=64), target, ("stride_ak", "stride_bn"))
+            build(moe._grouped_dw_kernel, dw_ptrs, dict(DUAL=dual, PRECISION=precision), target,
+                  ("stride_ak", "stride_bn"), dw_fit)
         build(moe._gather_rows_kernel, {"src_ptr": "*" + dtype, "index_ptr": "*i64", "dst_ptr": "*" + dtype},
               dict(BLOCK_D=1024), target)
         build(moe._unpermute_kernel, {"y_ptr": "*" + dtype, "row_map_ptr": "*i64", "w_ptr": "*fp32",
