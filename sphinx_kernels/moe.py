@@ -126,14 +126,6 @@ def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
 
 
-def _expert_mlp_ref(x_sorted, w1, w3, w2, offsets):
-    outs = []
-    for i, (s, e) in enumerate(_bounds(offsets)):
-        xe = x_sorted[s:e]
-        outs.append((F.silu(xe @ w1[i]) * (xe @ w3[i])) @ w2[i])
-    return torch.cat(outs) if outs else x_sorted.new_zeros(0, w2.shape[-1])
-
-
 def load_balancing_loss(
     router_probs: torch.Tensor, expert_ids: torch.Tensor, *, expert_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
