@@ -227,6 +227,19 @@ def test_moe_mlp_automatic_backend_choice():
     assert moe._select(inputs[0].device, None) == ("cpu" if "cpu" in CPU_BACKENDS else "grouped_mm")
 
 
+def test_backend_forced_by_environment(monkeypatch):
+    inputs = make_inputs(6, 8, 10, 3, seed=23)
+    monkeypatch.setenv("SPHINX_KERNELS_BACKEND", "moe:megablocks")
+    with pytest.raises(RuntimeError, match="megablocks"):  # forced and missing: an error, not a fallback
+        moe.moe_mlp(*inputs, top_k=2)
+    monkeypatch.setenv("SPHINX_KERNELS_BACKEND", "tiles:cpu,moe:torch")
+    assert moe._select(inputs[0].device, None) == "torch"
+    with torch.no_grad():
+        out, _ = moe.moe_mlp(*inputs, top_k=2)
+    ref, _, _ = loop_moe(*[t.double() for t in inputs], top_k=2)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_moe_mlp_eval_topk_differs_from_training():
     # SPHINX-MoE evaluates 1..E active experts at inference; every top_k must agree with the loop.
     inputs = make_inputs(8, 9, 10, 4, seed=11)
