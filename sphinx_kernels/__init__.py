@@ -12,6 +12,15 @@ from sphinx_kernels.attention import (
     varlen_attention_ref,
 )
 from sphinx_kernels.packing import PackedBatch, pack_bins, pack_sequences, unpack
+from sphinx_kernels.moe import (
+    MoEAux,
+    grouped_mm,
+    load_balancing_loss,
+    moe_mlp,
+    permute,
+    route,
+    unpermute,
+)
 from sphinx_kernels.tiles import (
     CLIP_MEAN,
     CLIP_STD,
@@ -35,18 +44,25 @@ __all__ = [
     "BackendStatus",
     "ImageBatch",
     "PackedBatch",
+    "MoEAux",
     "TilePlan",
     "apply_rotary",
     "apply_rotary_ref",
     "backends",
     "pack_bins",
     "pack_sequences",
+    "grouped_mm",
+    "load_balancing_loss",
+    "moe_mlp",
+    "permute",
     "plan_tiles",
     "position_ids_from_cu_seqlens",
     "resized_size",
+    "route",
     "tile_gather",
     "tile_gather_ref",
     "unpack",
     "varlen_attention",
     "varlen_attention_ref",
+    "unpermute",
 ]

@@ -55,7 +55,10 @@ def extension_has_kernel(op: str, dispatch_key: str) -> bool:
     if _extension()[0] is None:
         return False
     name = f"sphinx_kernels::{op}"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+    except RuntimeError:  # an extension built before this op existed (stale build): no kernel
+        return False
 
 
 def triton_interpreting() -> bool:

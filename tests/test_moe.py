@@ -1,0 +1,767 @@
+"""Grouped MoE: routing, permutation, grouped GEMM, fused SwiGLU experts, load balancing.
+
+Every backend that runs here (torch, triton through the interpreter, cpu, grouped_mm) is checked against an
+independent float64 loop over experts written in this file, forward and backward, on seeded random inputs;
+outputs are poisoned (deterministic mode fills every fresh allocation with NaN, in Python and C++ alike);
+data movement is checked bit-exactly.
+"""
+
+import importlib.util
+import os
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, assert_within_reference_error
+from hypothesis import HealthCheck, given, settings
+
+import sphinx_kernels
+from sphinx_kernels import _backend, moe
+
+CPU_BACKENDS = ["torch", "triton", "grouped_mm"] + (
+    ["cpu"] if _backend.extension_has_kernel("moe_permute", "CPU") else []
+)
+GEMM_BACKENDS = CPU_BACKENDS
+HAS_MEGABLOCKS = importlib.util.find_spec("megablocks") is not None
+
+
+@pytest.fixture(autouse=True)
+def poisoned():
+    """Every torch.empty (and at::empty in the extension) is NaN-filled: unwritten output shows up as NaN."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _ext_or_skip(backend):
+    if backend == "cpu" and "cpu" not in CPU_BACKENDS:
+        pytest.skip("compiled extension not built")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The independent reference: a plain loop over experts (and over tokens for the routing).
+# ----------------------------------------------------------------------------------------------------
+
+
+def loop_moe(x, router_weight, w1, w3, w2, top_k, expert_mask=None, ids=None):
+    """Returns (out, router probs, expert ids) computed in x's dtype with fp32 (or fp64) routing.
+
+    `ids`: use these experts instead of the top-k (low-precision tests: a near-tie between the k-th and the
+    next expert may legitimately flip with the logits' rounding; the fp32 tests check the choice itself)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logits = (x @ router_weight.T).to(acc)
+    if expert_mask is not None:
+        logits = torch.where(expert_mask, logits, torch.full_like(logits, float("-inf")))
+    probs = logits.softmax(-1)
+    if ids is None:
+        top, ids = probs.topk(top_k, dim=-1)
+    else:
+        top = probs.gather(-1, ids)
+    weights = top / top.sum(-1, keepdim=True)
+    out = torch.zeros(x.shape, dtype=acc)
+    for e in range(w1.shape[0]):
+        rows = []
+        for t in range(x.shape[0]):
+            for j in range(top_k):
+                if ids[t, j] == e:
+                    rows.append((t, j))
+        if not rows:
+            continue
+        tok = torch.tensor([t for t, _ in rows])
+        xe = x[tok]
+        ye = (F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e]
+        w = torch.stack([weights[t, j] for t, j in rows]).to(acc)
+        out = out.index_add(0, tok, ye.to(acc) * w[:, None])
+    return out.to(x.dtype), probs, ids
+
+
+def make_inputs(T, d, f, E, *, seed, dtype=torch.float32, empty=(), only=None):
+    """Random MoE inputs. Column 0 of x is a constant 1 so the router can be steered: experts in `empty` get a
+    logit of -30 (never chosen), `only` gets +30 (always first)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g)
+    x[:, 0] = 1.0
+    rw = torch.randn(E, d, generator=g)
+    rw[:, 0] = torch.randn(E, generator=g)
+    for e in empty:
+        rw[e, 0] = -30.0
+    if only is not None:
+        rw[only, 0] = 30.0
+    w1 = torch.randn(E, d, f, generator=g) / d**0.5
+    w3 = torch.randn(E, d, f, generator=g) / d**0.5
+    w2 = torch.randn(E, f, d, generator=g) / f**0.5
+    return [t.to(dtype) for t in (x, rw, w1, w3, w2)]
+
+
+CASES = {
+    # name: (T, d, f, E, top_k, kwargs)
+    "odd": (13, 17, 19, 4, 2, {}),
+    "round": (32, 32, 64, 4, 2, {}),
+    "empty_experts": (11, 9, 21, 6, 2, {"empty": (1, 4)}),
+    "one_expert": (10, 8, 16, 3, 1, {"only": 2}),
+    "E1": (7, 12, 10, 1, 1, {}),
+    "topk_E": (9, 10, 11, 3, 3, {}),
+    "pruned": (12, 11, 13, 5, 2, {"mask": (True, False, True, False, True)}),
+    # Several M tiles per expert, K loops with a tail, several N tiles (interpreter blocks are 16 x 32 x 32).
+    "multi_tile": (40, 45, 70, 3, 2, {}),
+}
+
+
+def _run(backend, inputs, top_k, mask, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out, aux = moe.moe_mlp(*leaves, top_k=top_k, expert_mask=mask, backend=backend)
+    (out.float() * grad_out).sum().backward()
+    return out, aux, [t.grad for t in leaves]
+
+
+def _reference(inputs, top_k, mask, grad_out, dtype, ids=None):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out, probs, ids = loop_moe(*leaves, top_k=top_k, expert_mask=mask, ids=ids)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    (out.to(acc) * grad_out.to(acc)).sum().backward()
+    return out.detach(), probs.detach(), ids, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_moe_mlp_against_loop(backend, case):
+    T, d, f, E, k, kw = CASES[case]
+    mask = torch.tensor(kw["mask"]) if "mask" in kw else None
+    seed = 1000 + list(CASES).index(case)
+    inputs = make_inputs(T, d, f, E, seed=seed, empty=kw.get("empty", ()), only=kw.get("only"))
+    grad_out = torch.randn(T, d, generator=torch.Generator().manual_seed(seed + 1))
+    out, aux, grads = _run(backend, inputs, k, mask, grad_out)
+    ref64, probs64, ids64, grads64 = _reference(inputs, k, mask, grad_out, torch.float64)
+    ref32, _, _, grads32 = _reference(inputs, k, mask, grad_out, torch.float32)
+
+    assert torch.equal(aux.expert_ids.sort(-1).values, ids64.sort(-1).values), "routing differs from the loop"
+    assert_within_reference_error(out, ref64, ref32, name="out")
+    for name, g, g64, g32 in zip(
+        ("x", "router_weight", "w1", "w3", "w2"), grads, grads64, grads32, strict=True
+    ):
+        assert g is not None and torch.isfinite(g).all(), f"grad {name} missing or poisoned"
+        # E=1: the single expert's weight is exactly 1, so the router gradient is zero up to rounding noise.
+        atol = 1e-6 if name == "router_weight" and E == 1 else 0.0
+        assert_within_reference_error(g, g64, g32, name=f"grad {name}", atol=atol)
+    counts = torch.bincount(ids64.reshape(-1), minlength=E)
+    assert torch.equal(aux.tokens_per_expert.long(), counts)
+    torch.testing.assert_close(aux.router_probs.double(), probs64, rtol=1e-5, atol=1e-6)
+    if "empty" in kw:
+        assert all(counts[e] == 0 for e in kw["empty"])
+    if "only" in kw:
+        assert counts[kw["only"]] == T
+    if mask is not None:
+        assert not torch.isin(aux.expert_ids, (~mask).nonzero().flatten()).any()
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_moe_mlp_fp16_within_2x_reference_error(backend):
+    T, d, f, E, k = 21, 24, 40, 4, 2
+    inputs = make_inputs(T, d, f, E, seed=7)
+    grad_out = torch.randn(T, d, generator=torch.Generator().manual_seed(8))
+    half = [t.half() for t in inputs]
+    out, aux, grads = _run(backend, half, k, None, grad_out)
+    ids = aux.expert_ids
+    ref64, _, _, grads64 = _reference(half, k, None, grad_out, torch.float64, ids=ids)
+    ref16, _, _, grads16 = _reference(half, k, None, grad_out, torch.float16, ids=ids)
+    assert out.dtype == torch.float16
+    assert_within_reference_error(out, ref64, ref16, name="fp16 out")
+    for name, g, g64, g16 in zip(
+        ("x", "router_weight", "w1", "w3", "w2"), grads, grads64, grads16, strict=True
+    ):
+        assert g.dtype == torch.float16
+        assert_within_reference_error(g, g64, g16, name=f"fp16 grad {name}")
+
+
+def test_moe_mlp_no_grad_and_float64_on_the_loop_backends():
+    inputs = make_inputs(9, 10, 12, 3, seed=3)
+    # Routing weights are float32 by contract (Mixtral's fp32 router), so float64 results agree with the
+    # float64 loop to float32's rounding of the weights, and with each other to float64 rounding.
+    ref, _, _ = loop_moe(*[t.double() for t in inputs], top_k=2)
+    same_routing, _ = moe.moe_mlp_ref(*[t.double() for t in inputs], top_k=2)
+    for backend in [b for b in CPU_BACKENDS if b != "triton"]:
+        with torch.no_grad():
+            out, _ = moe.moe_mlp(*[t.double() for t in inputs], top_k=2, backend=backend)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, same_routing, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    if "triton" in CPU_BACKENDS:
+        with pytest.raises(TypeError, match="triton"):
+            moe.moe_mlp(*[t.double() for t in inputs], top_k=2, backend="triton")
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_moe_mlp_transposed_weight_views(backend):
+    # Checkpoints store expert weights (f, d) per expert (nn.Linear): users pass w1 as a transposed view.
+    x, rw, w1, w3, w2 = make_inputs(10, 12, 14, 3, seed=17)
+    views = [w.transpose(1, 2).contiguous().requires_grad_() for w in (w1, w3, w2)]
+    out, _ = moe.moe_mlp(x, rw, *[v.transpose(1, 2) for v in views], top_k=2, backend=backend)
+    out.square().sum().backward()
+    dense = [w.clone().requires_grad_() for w in (w1, w3, w2)]
+    ref, _ = moe.moe_mlp(x, rw, *dense, top_k=2, backend=backend)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for v, d in zip(views, dense, strict=True):
+        torch.testing.assert_close(v.grad.transpose(1, 2), d.grad)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_moe_mlp_no_tokens(backend):
+    x, rw, w1, w3, w2 = [t.requires_grad_() for t in make_inputs(0, 8, 16, 3, seed=19)]
+    out, aux = moe.moe_mlp(x, rw, w1, w3, w2, top_k=2, backend=backend)
+    assert out.shape == (0, 8) and aux.tokens_per_expert.tolist() == [0, 0, 0]
+    (out.sum() + aux.load_balancing_loss).backward()
+    for t in (w1, w3, w2):
+        assert t.grad is None or torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_moe_mlp_automatic_backend_choice():
+    inputs = make_inputs(9, 10, 12, 3, seed=13)
+    with torch.no_grad():
+        out, _ = moe.moe_mlp(*inputs, top_k=2)
+    ref, _, _ = loop_moe(*[t.double() for t in inputs], top_k=2)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert moe._select(inputs[0].device, None) == ("cpu" if "cpu" in CPU_BACKENDS else "grouped_mm")
+
+
+def test_backend_forced_by_environment(monkeypatch):
+    inputs = make_inputs(6, 8, 10, 3, seed=23)
+    monkeypatch.setenv("SPHINX_KERNELS_BACKEND", "moe:megablocks")
+    with pytest.raises(RuntimeError, match="megablocks"):  # forced and missing: an error, not a fallback
+        moe.moe_mlp(*inputs, top_k=2)
+    monkeypatch.setenv("SPHINX_KERNELS_BACKEND", "tiles:cpu,moe:torch")
+    assert moe._select(inputs[0].device, None) == "torch"
+    with torch.no_grad():
+        out, _ = moe.moe_mlp(*inputs, top_k=2)
+    ref, _, _ = loop_moe(*[t.double() for t in inputs], top_k=2)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_mlp_eval_topk_differs_from_training():
+    # SPHINX-MoE evaluates 1..E active experts at inference; every top_k must agree with the loop.
+    inputs = make_inputs(8, 9, 10, 4, seed=11)
+    for k in range(1, 5):
+        with torch.no_grad():
+            out, _ = moe.moe_mlp(*inputs, top_k=k, backend=CPU_BACKENDS[-1])
+        ref, _, _ = loop_moe(*[t.double() for t in inputs], top_k=k)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# grouped_mm alone.
+# ----------------------------------------------------------------------------------------------------
+
+
+def loop_grouped_mm(x, w, ends):
+    """The plain loop over experts, one matmul per group (the PyTorch reference of the 2x rule)."""
+    parts = [torch.zeros(0, w.shape[-1], dtype=x.dtype) + 0 * (x.sum() + w.sum())]  # grads even for M=0
+    for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        parts.append(x[start:end] @ w[e])
+    return torch.cat(parts)
+
+
+GROUPS = {
+    "odd": (23, 17, 19, [5, 5, 14, 23]),  # an empty group
+    "one_group": (9, 8, 12, [0, 9, 9]),  # everything on expert 1
+    "E1": (7, 5, 3, [7]),
+    "round": (48, 32, 32, [16, 16, 40, 48]),
+    "multi_tile": (70, 45, 70, [33, 33, 70]),
+    "zero_rows": (0, 8, 8, [0, 0]),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPS))
+@pytest.mark.parametrize("backend", GEMM_BACKENDS)
+def test_grouped_mm_forward_backward(backend, case):
+    _ext_or_skip(backend)
+    M, K, N, ends = GROUPS[case]
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(len(ends), K, N, generator=g)
+    dy = torch.randn(M, N, generator=g)
+    offsets = torch.tensor(ends, dtype=torch.int32)
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = sphinx_kernels.grouped_mm(xl, wl, offsets, backend=backend)
+    (y * dy).sum().backward()
+
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        xr, wr = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        yr = loop_grouped_mm(xr, wr, ends)
+        (yr * dy.to(dtype)).sum().backward()
+        results[dtype] = (yr.detach(), xr.grad, wr.grad)
+    for name, got, r64, r32 in zip(
+        ("y", "dx", "dw"), (y, xl.grad, wl.grad), results[torch.float64], results[torch.float32], strict=True
+    ):
+        assert got.shape == r64.shape and torch.isfinite(got).all(), f"{name} poisoned"
+        if got.numel():
+            assert_within_reference_error(got, r64, r32, name=name)
+    # An expert with no rows gets an exactly zero weight gradient.
+    counts = torch.diff(offsets, prepend=torch.zeros(1, dtype=torch.int32))
+    assert (wl.grad[counts == 0] == 0).all()
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm missing")
+@pytest.mark.parametrize("backend", [b for b in GEMM_BACKENDS if b != "grouped_mm"])
+def test_grouped_mm_matches_torch_grouped_mm(backend):
+    _ext_or_skip(backend)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 16, generator=g)
+    w = torch.randn(3, 16, 24, generator=g)
+    offsets = torch.tensor([12, 12, 40], dtype=torch.int32)
+    peer = torch._grouped_mm(x, w, offsets)
+    ours = sphinx_kernels.grouped_mm(x, w, offsets, backend=backend)
+    torch.testing.assert_close(ours, peer, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in GEMM_BACKENDS if b != "torch"])
+def test_grouped_mm_fp16_within_2x_reference_error(backend):
+    _ext_or_skip(backend)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(37, 24, generator=g).half()
+    w = torch.randn(3, 24, 40, generator=g).half()
+    ends = [10, 10, 37]
+    offsets = torch.tensor(ends, dtype=torch.int32)
+    y = sphinx_kernels.grouped_mm(x, w, offsets, backend=backend)
+    assert y.dtype == torch.float16
+    assert_within_reference_error(
+        y, loop_grouped_mm(x.double(), w.double(), ends), loop_grouped_mm(x, w, ends)
+    )
+
+
+def test_grouped_mm_rejects_bad_input():
+    x = torch.randn(10, 4)
+    w = torch.randn(3, 4, 5)
+    ok = torch.tensor([3, 3, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="offsets.*non-decreasing"):
+        sphinx_kernels.grouped_mm(x, w, torch.tensor([3, 2, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="offsets.*end"):
+        sphinx_kernels.grouped_mm(x, w, torch.tensor([3, 3, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="offsets.*one entry per expert"):
+        sphinx_kernels.grouped_mm(x, w, torch.tensor([3, 10], dtype=torch.int32))
+    with pytest.raises(TypeError, match="offsets.*int32"):
+        sphinx_kernels.grouped_mm(x, w, ok.long())
+    with pytest.raises(TypeError, match="w must have x's dtype"):
+        sphinx_kernels.grouped_mm(x, w.double(), ok)
+    with pytest.raises(ValueError, match="w must have shape"):
+        sphinx_kernels.grouped_mm(x, torch.randn(3, 5, 5), ok)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        sphinx_kernels.grouped_mm(x[None], w, ok)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        sphinx_kernels.grouped_mm(x.tolist(), w, ok)
+
+
+@pytest.mark.skipif(not HAS_MEGABLOCKS or not HAS_CUDA, reason="megablocks and a GPU needed")
+@pytest.mark.gpu
+def test_grouped_mm_megablocks_matches_loop():
+    x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4, 64, 64, device="cuda", dtype=torch.bfloat16)
+    ends = [10, 10, 50, 64]
+    offsets = torch.tensor(ends, dtype=torch.int32, device="cuda")
+    y = sphinx_kernels.grouped_mm(x, w, offsets, backend="megablocks")
+    ref64 = loop_grouped_mm(x.cpu().double(), w.cpu().double(), ends)
+    assert_within_reference_error(
+        y.cpu(), ref64, loop_grouped_mm(x.cpu().float(), w.cpu().float(), ends).bfloat16()
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# route, permute, unpermute, load balancing.
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_route_topk_renormalised_and_pruning():
+    logits = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([True, False, True, True, False, True, True, True])
+    for k in range(1, 7):
+        w, ids = sphinx_kernels.route(logits.half(), k, expert_mask=mask)
+        assert w.dtype == torch.float32 and ids.dtype == torch.int64 and w.shape == (50, k)
+        torch.testing.assert_close(w.sum(-1), torch.ones(50), rtol=0, atol=1e-6)
+        assert not torch.isin(ids, torch.tensor([1, 4])).any()
+        probs = torch.softmax(logits.half().float().masked_fill(~mask, float("-inf")), -1)
+        expected = probs.topk(k, -1)
+        assert torch.equal(ids, expected.indices)
+    with pytest.raises(ValueError, match="top_k must be in 1..6"):
+        sphinx_kernels.route(logits, 7, expert_mask=mask)
+    with pytest.raises(ValueError, match="top_k"):
+        sphinx_kernels.route(logits, 0)
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        sphinx_kernels.route(logits, 2.0)
+    with pytest.raises(TypeError, match="expert_mask"):
+        sphinx_kernels.route(logits, 2, expert_mask=mask.int())
+    with pytest.raises(ValueError, match="expert_mask must have shape"):
+        sphinx_kernels.route(logits, 2, expert_mask=mask[:5])
+
+
+def expected_permutation(x, ids, E):
+    rows = [
+        (t, j) for e in range(E) for t in range(ids.shape[0]) for j in range(ids.shape[1]) if ids[t, j] == e
+    ]
+    ends = torch.tensor([int((ids <= e).sum()) for e in range(E)])
+    return rows, ends
+
+
+PERMUTE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", PERMUTE_DTYPES)
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+def test_permute_unpermute_bit_exact(backend, dtype):
+    _ext_or_skip(backend)
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bfloat16 is wrong in Triton's interpreter (GPU test covers it)")
+    g = torch.Generator().manual_seed(4)
+    T, d, E, k = 19, 13, 5, 3
+    x = torch.randn(T, d, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    ids[ids == 3] = 0  # expert 3 gets no token
+    x_sorted, row_map, offsets = sphinx_kernels.permute(x, ids, E, backend=backend)
+    rows, ends = expected_permutation(x, ids, E)
+    assert offsets.dtype == torch.int32 and torch.equal(offsets.long(), ends)
+    assert torch.equal(x_sorted, torch.stack([x[t] for t, _ in rows]))  # stable, bit-exact
+    for i, (t, j) in enumerate(rows):
+        assert row_map[t, j] == i
+    # Round trip with one-hot weights is exact: 1*x + 0*x == x.
+    onehot = torch.zeros(T, k)
+    onehot[torch.arange(T), torch.randint(0, k, (T,), generator=g)] = 1.0
+    assert torch.equal(sphinx_kernels.unpermute(x_sorted, row_map, onehot, backend=backend), x)
+    weights = torch.rand(T, k, generator=g)
+    out = sphinx_kernels.unpermute(x_sorted, row_map, weights, backend=backend)
+    ref64 = (weights.double()[..., None] * x.double()[:, None, :]).sum(1)
+    assert_within_reference_error(out, ref64, moe.unpermute_ref(x_sorted, row_map, weights), atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+def test_permute_unpermute_gradients(backend):
+    _ext_or_skip(backend)
+    g = torch.Generator().manual_seed(6)
+    T, d, E, k = 9, 7, 4, 2
+    x = torch.randn(T, d, generator=g, requires_grad=True)
+    ids = torch.randint(0, E, (T, k), generator=g)
+    weights = torch.rand(T, k, generator=g, requires_grad=True)
+    x_sorted, row_map, _ = sphinx_kernels.permute(x, ids, E, backend=backend)
+    y = x_sorted * torch.arange(1, T * k + 1, dtype=torch.float32)[:, None]  # row-dependent
+    out = sphinx_kernels.unpermute(y, row_map, weights, backend=backend)
+    dout = torch.randn(T, d, generator=g)
+    (out * dout).sum().backward()
+    scale = (row_map + 1).double()  # the factor each (token, slot) row was multiplied by
+    dx = ((weights.double() * scale)[..., None] * dout.double()[:, None, :]).sum(1)
+    dw = scale * (x.double() * dout.double()).sum(-1)[:, None]
+    torch.testing.assert_close(x.grad.double(), dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights.grad.double(), dw, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tokens=st.integers(0, 40),
+    d=st.integers(1, 9),
+    E=st.integers(1, 6),
+    k=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    backend=st.sampled_from(["torch", "cpu", "triton"]),
+)
+def test_permute_round_trip_property(tokens, d, E, k, seed, backend):
+    if backend == "cpu" and "cpu" not in CPU_BACKENDS:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=g)
+    ids = torch.randint(0, E, (tokens, k), generator=g)  # repeats allowed: permute does not need distinct ids
+    x_sorted, row_map, offsets = sphinx_kernels.permute(x, ids, E, backend=backend)
+    assert torch.equal(x_sorted[row_map.reshape(-1)], x.repeat_interleave(k, 0))
+    assert torch.equal(torch.sort(row_map.reshape(-1)).values, torch.arange(tokens * k))
+    assert torch.equal(offsets.long(), torch.bincount(ids.reshape(-1), minlength=E).cumsum(0))
+    sorted_ids = ids.reshape(-1)[torch.argsort(row_map.reshape(-1))]
+    assert bool((sorted_ids.diff() >= 0).all())
+    if tokens:
+        onehot = F.one_hot(torch.randint(0, k, (tokens,), generator=g), k).float()
+        assert torch.equal(sphinx_kernels.unpermute(x_sorted, row_map, onehot, backend=backend), x)
+
+
+def test_permute_rejects_bad_input():
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="expert_ids must lie in"):
+        sphinx_kernels.permute(x, torch.tensor([[0], [1], [4], [0], [1]]), 4)
+    with pytest.raises(ValueError, match="expert_ids has 4 rows"):
+        sphinx_kernels.permute(x, torch.zeros(4, 1, dtype=torch.int64), 4)
+    with pytest.raises(TypeError, match="expert_ids"):
+        sphinx_kernels.permute(x, torch.zeros(5, 1), 4)
+    with pytest.raises(ValueError, match="num_experts"):
+        sphinx_kernels.permute(x, torch.zeros(5, 1, dtype=torch.int64), 0)
+    with pytest.raises(ValueError, match="weights"):
+        sphinx_kernels.unpermute(torch.randn(10, 3), torch.zeros(5, 2, dtype=torch.int64), torch.ones(5, 3))
+
+
+def test_load_balancing_loss():
+    T, E, k = 16, 4, 2
+    ids = torch.tensor([[e, (e + 1) % E] for e in range(E)] * (T // E))  # every expert 8 times
+    probs = torch.full((T, E), 1.0 / E)
+    torch.testing.assert_close(sphinx_kernels.load_balancing_loss(probs, ids), torch.tensor(1.0))
+    probs = torch.softmax(torch.randn(T, E, generator=torch.Generator().manual_seed(2)), -1)
+    counts = torch.bincount(ids.flatten(), minlength=E).float()
+    expected = E / (T * k) * (counts * probs.mean(0)).sum()
+    torch.testing.assert_close(sphinx_kernels.load_balancing_loss(probs, ids), expected)
+    skewed = torch.zeros(T, k, dtype=torch.int64)
+    skewed[:, 1] = 1
+    one_hot = torch.zeros(T, E)
+    one_hot[:, :2] = 0.5
+    assert sphinx_kernels.load_balancing_loss(one_hot, skewed) > 1.9  # imbalance is penalised (E/2 = 2)
+
+
+def test_moe_mlp_rejects_bad_input():
+    x, rw, w1, w3, w2 = make_inputs(6, 8, 10, 4, seed=0)
+    with pytest.raises(TypeError, match="w1 must have x's dtype"):
+        moe.moe_mlp(x, rw, w1.double(), w3, w2)
+    with pytest.raises(TypeError, match="router_weight must have x's dtype"):
+        moe.moe_mlp(x, rw.half(), w1, w3, w2)
+    with pytest.raises(ValueError, match="router_weight must have shape"):
+        moe.moe_mlp(x, rw[:, :5], w1, w3, w2)
+    with pytest.raises(ValueError, match="w1 must have shape"):
+        moe.moe_mlp(x, rw, w1[:, :5], w3, w2)
+    with pytest.raises(ValueError, match="w3 must have w1's shape"):
+        moe.moe_mlp(x, rw, w1, w3[..., :5], w2)
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        moe.moe_mlp(x, rw, w1, w3, w2[:3])
+    with pytest.raises(ValueError, match="top_k must be in 1..4"):
+        moe.moe_mlp(x, rw, w1, w3, w2, top_k=5)
+    with pytest.raises(ValueError, match="top_k must be in 1..2"):
+        moe.moe_mlp(x, rw, w1, w3, w2, top_k=3, expert_mask=torch.tensor([True, False, True, False]))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        moe.moe_mlp(x[None], rw, w1, w3, w2)
+    with pytest.raises(ValueError, match="backend='megatron' does not implement moe"):
+        moe.moe_mlp(x, rw, w1, w3, w2, backend="megatron")
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile and opcheck.
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_torch_compile_fullgraph_through_moe_mlp():
+    torch.use_deterministic_algorithms(False)  # inductor's generated kernels need no poisoning here
+    backend = "cpu" if "cpu" in CPU_BACKENDS else "grouped_mm"
+    inputs = make_inputs(13, 17, 19, 4, seed=21)
+
+    def layer(x, rw, w1, w3, w2):
+        out, aux = moe.moe_mlp(x, rw, w1, w3, w2, top_k=2, backend=backend)
+        return (out * out).sum() + 0.01 * aux.load_balancing_loss
+
+    # The default (inductor) backend: ~30 s of C++ code generation on 2 cores, but it is what users run.
+    compiled = torch.compile(layer, fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    compiled(*leaves).backward()
+    eager = [t.clone().requires_grad_() for t in inputs]
+    layer(*eager).backward()
+    for a, b in zip(leaves, eager, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def _opcheck_samples(backend):
+    x, rw, w1, w3, w2 = make_inputs(11, 16, 24, 3, seed=31)
+    ids = torch.tensor([[0, 2], [2, 0]] * 5 + [[2, 0]])
+    x_sorted, row_map, offsets = moe.permute_ref(x, ids, 3)
+    weights = torch.rand(11, 2)
+    y = torch.randn(22, 16)
+    return [
+        (torch.ops.sphinx_kernels.permute, (x.requires_grad_(), ids, 3, backend)),
+        (
+            torch.ops.sphinx_kernels.unpermute,
+            (y.requires_grad_(), row_map, weights.requires_grad_(), backend),
+        ),
+        (
+            torch.ops.sphinx_kernels.grouped_mm,
+            (x_sorted.clone().requires_grad_(), w1.clone().requires_grad_(), offsets, backend),
+        ),
+        (torch.ops.sphinx_kernels.grouped_mm_dw, (x_sorted, torch.randn(22, 24), offsets, backend)),
+        (
+            torch.ops.sphinx_kernels.moe_experts,
+            (
+                x_sorted.clone().requires_grad_(),
+                w1,
+                w3.requires_grad_(),
+                w2.requires_grad_(),
+                offsets,
+                backend,
+                True,
+            ),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "grouped_mm", "triton"])
+def test_opcheck_registered_ops(backend):
+    _ext_or_skip(backend)
+    torch.use_deterministic_algorithms(False)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    for op, args in _opcheck_samples(backend):
+        torch.library.opcheck(op, args, test_utils=tests)
+
+
+def test_opcheck_extension_ops():
+    _ext_or_skip("cpu")
+    torch.use_deterministic_algorithms(False)
+    x = torch.randn(7, 5)
+    ids = torch.randint(0, 3, (7, 2), generator=torch.Generator().manual_seed(0))
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_permute, (x, ids, 3))
+    x_sorted, row_map, _ = torch.ops.sphinx_kernels.moe_permute(x, ids, 3)
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_unpermute, (x_sorted, row_map, torch.rand(7, 2)))
+
+
+def test_extension_registers_moe_kernels():
+    """The C++ kernels are in the build: CPU always, CUDA wherever the build found nvcc (proves moe.cu
+    compiled and linked even on a machine that cannot run it)."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    assert _backend.extension_has_kernel("moe_permute", "CPU"), _backend._extension()[1]
+    assert _backend.extension_has_kernel("moe_unpermute", "CPU")
+    nvcc = torch.version.cuda and CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").exists()
+    if (
+        nvcc
+        and os.environ.get("SPHINX_KERNELS_CUDA") != "0"
+        and _backend.extension_has_kernel("tile_gather_out", "CUDA")
+    ):
+        assert _backend.extension_has_kernel("moe_permute", "CUDA")
+        assert _backend.extension_has_kernel("moe_unpermute", "CUDA")
+
+
+AOT_SCRIPT = r"""
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sphinx_kernels import moe
+
+SMEM_SM90 = 232448  # bytes of shared memory per block on H100/H200
+
+def build(fn, types, consts, target, ones=(), config=None):
+    names = list(inspect.signature(fn.fn).parameters)
+    options = {"num_warps": 4, "num_stages": 2}
+    if config is not None:  # the autotuner's last config: the one that must fit for every mode and dtype
+        consts = {**consts, **config.kwargs}
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    sig = {n: ("constexpr" if n in consts or n in ones else types.get(n, "i32")) for n in names}
+    consts = {**consts, **{n: 1 for n in ones}}
+    # What a real launch specialises: 16-divisible pointers and strides, unit strides as constants.
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in consts and sig[n] != "constexpr"}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target, options=options)
+    assert k.metadata.shared <= SMEM_SM90, (fn.fn.__name__, consts, k.metadata.shared)
+    return k
+
+gemm_fit, dw_fit = moe._gemm_configs()[-1], moe._dw_configs()[-1]
+
+for arch in (90, 80):
+    target = GPUTarget("cuda", arch, 32)
+    for dtype in ("bf16", "fp32"):  # fp16 compiles as bf16 does; 10 s saved
+        ptrs = {n: "*" + dtype for n in ("a_ptr", "a2_ptr", "b_ptr", "b2_ptr", "out_ptr", "out2_ptr", "aux1_ptr", "aux2_ptr")}
+        ptrs["offsets_ptr"] = "*i32"
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        for mode in (0, 1, 2, 3):
+            ones = ("stride_ak", "stride_bn", "stride_b2n") if mode in (0, 1) else ("stride_ak", "stride_bk", "stride_b2k")
+            k = build(moe._grouped_mm_kernel, ptrs, dict(MODE=mode, SAVE_PRE=mode == 1, PRECISION=precision, E_BLOCK=16),
+                      target, ones, gemm_fit)
+            if arch == 90 and dtype == "bf16" and mode == 1:
+                ptx = k.asm["ptx"]
+                assert "wgmma.mma_async" in ptx and "cp.async" in ptx, "fused GEMM lost wgmma or its cp.async pipeline"
+        dw_ptrs = {n: "*" + dtype for n in ("a_ptr", "b_ptr", "b2_ptr", "out_ptr", "out2_ptr")}
+        dw_ptrs["offsets_ptr"] = "*i32"
+        for dual in (False, True):
+            build(moe._grouped_dw_kernel, dw_ptrs, dict(DUAL=dual, PRECISION=precision), target,
+                  ("stride_ak", "stride_bn"), dw_fit)
+        build(moe._gather_rows_kernel, {"src_ptr": "*" + dtype, "index_ptr": "*i64", "dst_ptr": "*" + dtype},
+              dict(BLOCK_D=1024), target)
+        build(moe._unpermute_kernel, {"y_ptr": "*" + dtype, "row_map_ptr": "*i64", "w_ptr": "*fp32",
+              "out_ptr": "*" + dtype}, dict(K_SLOTS=2, BLOCK_D=1024), target)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_compile_for_sm90_and_sm80(tmp_path):
+    """The interpreter does not type-check like the compiler: compile every kernel variant ahead of time for
+    Hopper and Ampere (no GPU needed) in a process without TRITON_INTERPRET, and check that the fused SwiGLU
+    GEMM keeps wgmma with a cp.async pipeline on sm_90."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "TRITON_CACHE_DIR": str(tmp_path),
+    }
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_exported_names():
+    for name in ("route", "permute", "unpermute", "grouped_mm", "moe_mlp", "load_balancing_loss", "MoEAux"):
+        assert hasattr(sphinx_kernels, name), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: bfloat16, the CUDA permutation kernels, the compiled Triton path.
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "grouped_mm"])
+def test_moe_mlp_bf16_gpu(backend):
+    if backend == "cuda" and not _backend.extension_has_kernel("moe_permute", "CUDA"):
+        pytest.skip("extension built without CUDA")
+    torch.use_deterministic_algorithms(False)
+    T, d, f, E, k = 300, 128, 352, 8, 2
+    inputs = make_inputs(T, d, f, E, seed=41, empty=(5,))
+    grad_out = torch.randn(T, d, generator=torch.Generator().manual_seed(42))
+    leaves = [t.bfloat16().cuda().requires_grad_() for t in inputs]
+    out, aux = moe.moe_mlp(*leaves, top_k=k, backend=backend)
+    (out.float() * grad_out.cuda()).sum().backward()
+    ids = aux.expert_ids.cpu()
+    bf16 = [t.bfloat16() for t in inputs]
+    ref64, _, _, grads64 = _reference(bf16, k, None, grad_out, torch.float64, ids=ids)
+    ref16, _, _, grads16 = _reference(bf16, k, None, grad_out, torch.bfloat16, ids=ids)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert int(aux.tokens_per_expert[5]) == 0  # the steered-away expert: an empty group on the GPU path
+    assert_within_reference_error(out.cpu(), ref64, ref16, name="bf16 out")
+    for name, t, g64, g16 in zip(
+        ("x", "router_weight", "w1", "w3", "w2"), leaves, grads64, grads16, strict=True
+    ):
+        assert_within_reference_error(t.grad.cpu(), g64, g16, name=f"bf16 grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_permute_cuda_bit_exact(dtype):
+    if not _backend.extension_has_kernel("moe_permute", "CUDA"):
+        pytest.skip("extension built without CUDA")
+    g = torch.Generator().manual_seed(12)
+    T, d, E, k = 3001, 257, 8, 2  # several count blocks
+    x = torch.randn(T, d, generator=g).to(dtype)
+    ids = torch.randint(0, E, (T, k), generator=g)
+    ids[ids == 6] = 0
+    ref = moe.permute_ref(x, ids, E)
+    for backend in ("cuda", "triton"):
+        got = sphinx_kernels.permute(x.cuda(), ids.cuda(), E, backend=backend)
+        for a, b in zip(got, ref, strict=True):
+            assert torch.equal(a.cpu(), b), backend
+        onehot = F.one_hot(torch.zeros(T, dtype=torch.int64), k).float().cuda()
+        assert torch.equal(sphinx_kernels.unpermute(got[0], got[1], onehot, backend=backend).cpu(), x)
+
+
+@pytest.mark.gpu
+def test_grouped_mm_triton_vs_torch_grouped_mm_gpu():
+    torch.use_deterministic_algorithms(False)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(1000, 256, generator=g).bfloat16()
+    w = torch.randn(8, 256, 384, generator=g).bfloat16()
+    ends = torch.tensor([0, 100, 100, 400, 401, 700, 999, 1000], dtype=torch.int32)
+    y = sphinx_kernels.grouped_mm(x.cuda(), w.cuda(), ends.cuda(), backend="triton").cpu()
+    peer = torch._grouped_mm(x.cuda(), w.cuda(), ends.cuda()).cpu()
+    ref64 = loop_grouped_mm(x.double(), w.double(), ends.tolist())
+    assert_within_reference_error(y, ref64, peer, name="triton vs _grouped_mm")
