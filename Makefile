@@ -41,7 +41,7 @@ demo: build
 	$(VENV)/bin/sphinx-x tiles
 
 bench: build
-	$(PY) benchmarks/bench_tiles.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 # The standalone CMake build of the same sources (csrc/build.json) into build/cmake.
 cmake: venv

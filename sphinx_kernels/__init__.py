@@ -11,16 +11,18 @@ from sphinx_kernels.attention import (
     varlen_attention,
     varlen_attention_ref,
 )
-from sphinx_kernels.packing import PackedBatch, pack_bins, pack_sequences, unpack
 from sphinx_kernels.moe import (
     MoEAux,
     grouped_mm,
     load_balancing_loss,
+    moe_experts,
+    moe_experts_ref,
     moe_mlp,
     permute,
     route,
     unpermute,
 )
+from sphinx_kernels.packing import PackedBatch, pack_bins, pack_sequences, unpack
 from sphinx_kernels.tiles import (
     CLIP_MEAN,
     CLIP_STD,
@@ -53,6 +55,8 @@ __all__ = [
     "pack_sequences",
     "grouped_mm",
     "load_balancing_loss",
+    "moe_experts",
+    "moe_experts_ref",
     "moe_mlp",
     "permute",
     "plan_tiles",

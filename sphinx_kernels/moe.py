@@ -147,6 +147,27 @@ def load_balancing_loss(
     return active / max(tokens * k, 1) * (counts * mean_prob).sum()
 
 
+def moe_experts_ref(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """Plain PyTorch `moe_experts`: a loop over experts (index, SwiGLU MLP, weighted index_add)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
+    for e in range(w1.shape[0]):
+        token, slot = (expert_ids == e).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        xe = x[token]
+        ye = (F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e]
+        out = out.index_add(0, token, ye.to(acc) * weights[token, slot].to(acc).unsqueeze(-1))
+    return out.to(x.dtype)
+
+
 def moe_mlp_ref(
     x: torch.Tensor,
     router_weight: torch.Tensor,
@@ -159,20 +180,12 @@ def moe_mlp_ref(
 ) -> tuple[torch.Tensor, MoEAux]:
     """Plain PyTorch `moe_mlp`: route, then a loop over experts (index, SwiGLU MLP, weighted index_add)."""
     weights, ids, probs = route_ref(x @ router_weight.T, top_k, expert_mask=expert_mask)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = torch.zeros(x.shape, dtype=acc, device=x.device)
-    for e in range(w1.shape[0]):
-        token, slot = (ids == e).nonzero(as_tuple=True)
-        if token.numel() == 0:
-            continue
-        xe = x[token]
-        ye = (F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e]
-        out = out.index_add(0, token, ye.to(acc) * weights[token, slot].to(acc).unsqueeze(-1))
+    out = moe_experts_ref(x, ids, weights, w1, w3, w2)
     counts = torch.zeros(w1.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
         0, ids.reshape(-1), torch.ones_like(ids.reshape(-1))
     )
     aux = MoEAux(probs, ids, counts.to(torch.int32), load_balancing_loss(probs, ids, expert_mask=expert_mask))
-    return out.to(x.dtype), aux
+    return out, aux
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1107,3 +1120,55 @@ def moe_mlp(
     tokens_per_expert = torch.diff(offsets, prepend=offsets.new_zeros(1))
     aux = MoEAux(probs, ids, tokens_per_expert, load_balancing_loss(probs, ids, expert_mask=expert_mask))
     return out, aux
+
+
+def moe_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """SwiGLU experts with the routing already decided (the router is the caller's, e.g. a Hugging Face
+    model's): ``out[t] = sum_j weights[t, j] * (silu(x[t]@w1[e]) * (x[t]@w3[e])) @ w2[e]``, ``e = expert_ids[t, j]``.
+
+    Args:
+        x: ``(T, d)`` float. expert_ids: int64/int32 ``(T, k)`` in ``[0, E)``. weights: float ``(T, k)``.
+        w1, w3: ``(E, d, f)``; w2: ``(E, f, d)``; x's dtype and device; any strides (e.g. transposed views
+            of ``(E, f, d)`` checkpoints) on the triton backend.
+
+    Returns:
+        ``(T, d)`` of x's dtype. Differentiable in x, weights, w1, w3, w2.
+    """
+    _check_tensor("x", x, 2, FLOAT_DTYPES)
+    tokens, d = x.shape
+    for name, t in (("w1", w1), ("w3", w3), ("w2", w2)):
+        _check_tensor(name, t, 3, FLOAT_DTYPES)
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    E, f = w1.shape[0], w1.shape[2]
+    if w1.shape[1] != d or tuple(w3.shape) != (E, d, f) or tuple(w2.shape) != (E, f, d):
+        raise ValueError(
+            f"w1, w3 must have shape (E, d={d}, f) and w2 (E, f, d); got {tuple(w1.shape)}, "
+            f"{tuple(w3.shape)}, {tuple(w2.shape)}"
+        )
+    _check_expert_ids(expert_ids, tokens, E)
+    _check_tensor("weights", weights, 2, FLOAT_DTYPES)
+    if weights.shape != expert_ids.shape:
+        raise ValueError(
+            f"weights {tuple(weights.shape)} must have expert_ids' shape {tuple(expert_ids.shape)}"
+        )
+    chosen = _select(x.device, backend)
+    _check_gemm_dtype(chosen, x.dtype)
+    ids = expert_ids.to(torch.int64).contiguous()
+    if chosen == "torch":
+        return moe_experts_ref(x, ids, weights, w1, w3, w2)
+    x_sorted, row_map, offsets = _permute_op(x.contiguous(), ids, E, _permute_backend(chosen))
+    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
+    y_sorted, _, _, _ = _moe_experts_op(x_sorted, w1, w3, w2, offsets, chosen, save_pre)
+    return _unpermute_op(y_sorted, row_map, weights.to(torch.float32).contiguous(), _permute_backend(chosen))

@@ -193,6 +193,51 @@ def test_moe_mlp_no_grad_and_float64_on_the_loop_backends():
             moe.moe_mlp(*[t.double() for t in inputs], top_k=2, backend="triton")
 
 
+def _experts_loop(x, ids, weights, w1, w3, w2):
+    """out[t] = sum_j weights[t, j] * swiglu_{ids[t, j]}(x[t]): per expert one matmul over its (token, slot)
+    pairs, found by a Python scan (a row-by-row loop would round dW differently from any GEMM)."""
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        pairs = [(t, j) for t in range(ids.shape[0]) for j in range(ids.shape[1]) if ids[t, j] == e]
+        if not pairs:
+            continue
+        tok, slot = (torch.tensor(v) for v in zip(*pairs, strict=True))
+        ye = (F.silu(x[tok] @ w1[e]) * (x[tok] @ w3[e])) @ w2[e]
+        out = out.index_add(0, tok, ye * weights[tok, slot][:, None])
+    return out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_moe_experts_given_routing(backend):
+    """The experts with the caller's routing (a Hugging Face router's): forward and the gradients of x, the
+    routing weights and the expert weights; expert 4 gets no token; transposed weight views as checkpoints
+    store them."""
+    T, d, f, E, k = 14, 11, 18, 5, 2
+    x, _, w1, w3, w2 = make_inputs(T, d, f, E, seed=23)
+    g = torch.Generator().manual_seed(24)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g)
+    grad_out = torch.randn(T, d, generator=g)
+    stored = [w.transpose(1, 2).contiguous() for w in (w1, w3, w2)]  # (E, out, in) like nn.Linear
+
+    def run(dtype, fn):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weights, *stored)]
+        xx, ww, *ws = leaves
+        out = fn(xx, ids, ww, *[w.transpose(1, 2) for w in ws])
+        (out.to(torch.float64) * grad_out.double()).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    out, grads = run(torch.float32, lambda *a: moe.moe_experts(*a, backend=backend))
+    ref64, grads64 = run(torch.float64, _experts_loop)
+    ref32, grads32 = run(torch.float32, _experts_loop)
+    assert_within_reference_error(out, ref64, ref32, name="out")
+    for name, gr, g64, g32 in zip(("x", "weights", "w1", "w3", "w2"), grads, grads64, grads32, strict=True):
+        assert_within_reference_error(gr, g64, g32, name=f"grad {name}")
+    assert (grads[2][4] == 0).all() and (grads[4][4] == 0).all(), "the unused expert got a gradient"
+    with pytest.raises(ValueError, match="weights"):
+        moe.moe_experts(x, ids, weights[:, :1], w1, w3, w2, backend=backend)
+
+
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
 def test_moe_mlp_transposed_weight_views(backend):
     # Checkpoints store expert weights (f, d) per expert (nn.Linear): users pass w1 as a transposed view.
@@ -701,7 +746,16 @@ def test_triton_kernels_compile_for_sm90_and_sm80(tmp_path):
 
 
 def test_exported_names():
-    for name in ("route", "permute", "unpermute", "grouped_mm", "moe_mlp", "load_balancing_loss", "MoEAux"):
+    for name in (
+        "route",
+        "permute",
+        "unpermute",
+        "grouped_mm",
+        "moe_mlp",
+        "moe_experts",
+        "load_balancing_loss",
+        "MoEAux",
+    ):
         assert hasattr(sphinx_kernels, name), name
 
 

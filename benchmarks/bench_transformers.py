@@ -1,0 +1,127 @@
+"""A few fine-tuning steps of a tiny Mixtral through transformers: tokens/s per implementation.
+
+    python benchmarks/bench_transformers.py [--steps 4] [--batch 4] [--seq 256] [--packed]
+
+Implementations, measured in one run on the same model and data: attn/experts = "sphinx"/"sphinx" (ours),
+"eager"/"eager" (transformers' reference loops) and "sdpa"/"grouped_mm" (transformers' fastest built-ins).
+A padded batch (lengths drawn from 25%..100% of --seq) is the default; --packed uses
+DataCollatorWithFlattening (one row, no padding) for every implementation that supports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Row, print_table, write_rows  # noqa: E402
+
+IMPLEMENTATIONS = [("eager", "eager"), ("sdpa", "grouped_mm"), ("sphinx", "sphinx")]
+
+
+def build_model(device: str, dtype: torch.dtype, layers: int, hidden: int):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=hidden * 7 // 2,  # Mixtral's 14336 / 4096
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+    )
+    return MixtralForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def make_batch(batch: int, seq: int, packed: bool, device: str):
+    from transformers import DataCollatorWithFlattening
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=gen).tolist()
+    seqs = [torch.randint(1, 1024, (n,), generator=gen) for n in lengths]
+    if packed:
+        out = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": s.tolist()} for s in seqs])
+    else:
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        mask = torch.zeros(batch, seq, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = s, 1
+        labels = ids.masked_fill(mask == 0, -100)
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in out.items()}, sum(lengths)
+
+
+def train_steps(model, batch, steps: int, device: str) -> float:
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        optim.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optim.step()
+
+    step()  # warm-up (kernel compilation, allocator)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--packed", action="store_true")
+    args = parser.parse_args()
+
+    import sphinx_kernels.integrations.transformers  # noqa: F401  registers "sphinx"
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch, tokens = make_batch(args.batch, args.seq, args.packed, device)
+    shape = (
+        f"Mixtral {args.layers}L d{args.hidden} E8 top2, batch {args.batch} x <= {args.seq} "
+        f"({'packed' if args.packed else 'padded'}), {tokens} real tokens, {dtype}"
+    )
+    rows = []
+    for attn, experts in IMPLEMENTATIONS:
+        model = build_model(device, dtype, args.layers, args.hidden)
+        model.set_attn_implementation(attn)
+        model.set_experts_implementation(experts)
+        seconds = train_steps(model, batch, args.steps, device)
+        rows.append(
+            Row(
+                "transformers",
+                f"fine-tune step {device}",
+                f"{attn}+{experts}",
+                shape,
+                seconds,
+                tokens / seconds,
+                "tokens/s",
+            )
+        )
+    print_table(rows, baseline="eager+eager")
+    print_table(rows, baseline="sdpa+grouped_mm")
+    print(f"\nrows appended to {write_rows(rows, 'transformers')}")
+
+
+if __name__ == "__main__":
+    main()
