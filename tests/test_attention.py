@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_within_reference_error
+from conftest import HAS_CUDA, assert_within_reference_error, run_python
 
 from sphinx_kernels import (
     apply_rotary,
@@ -506,18 +506,10 @@ for dt, d, causal, prec, bm in (("bf16", 128, True, "tf32", 128), ("fp32", 96, F
 """
 
 
-def test_kernels_compile_for_sm90_without_a_gpu():
-    import os
-    import subprocess
-    import sys
-
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 6, proc.stdout
+    stdout = run_python(COMPILE_SM90, tmp_path)
+    assert stdout.count("compiled") == 6, stdout
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,12 +1,11 @@
 """The build and the dispatch: the extension (with its CUDA kernels where nvcc exists) and the fallbacks."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_python
 from torch.utils.cpp_extension import CUDA_HOME
 
 import sphinx_kernels
@@ -38,7 +37,7 @@ def test_backends_report_every_backend_with_a_reason():
         assert not status["cuda"].available and "no CUDA device" in status["cuda"].reason
 
 
-def test_import_without_extension_falls_back_to_torch():
+def test_import_without_extension_falls_back_to_torch(tmp_path):
     """No compiler, no build: `import sphinx_kernels` still works and the automatic choice is the reference."""
     code = """
 import sys, torch
@@ -57,9 +56,4 @@ else:
     raise AssertionError("forcing a missing backend must fail")
 print("ok")
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    assert run_python(code, tmp_path).strip() == "ok"

@@ -13,7 +13,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_within_reference_error
+from conftest import HAS_CUDA, assert_within_reference_error, run_python
 from hypothesis import HealthCheck, given, settings
 
 import sphinx_kernels
@@ -729,20 +729,7 @@ def test_triton_kernels_compile_for_sm90_and_sm80(tmp_path):
     """The interpreter does not type-check like the compiler: compile every kernel variant ahead of time for
     Hopper and Ampere (no GPU needed) in a process without TRITON_INTERPRET, and check that the fused SwiGLU
     GEMM keeps wgmma with a cp.async pipeline on sm_90."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-        "TRITON_CACHE_DIR": str(tmp_path),
-    }
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert run_python(AOT_SCRIPT, tmp_path).strip().endswith("ok")
 
 
 def test_exported_names():

@@ -1,16 +1,12 @@
 """Skip-token tile gathering: geometry, every backend against the reference, errors, compile, opcheck."""
 
-import os
 import random
-import subprocess
-import sys
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, HAS_CUDA, assert_within_reference_error
+from conftest import DEVICES, HAS_CUDA, assert_within_reference_error, run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -442,13 +438,4 @@ print("ok")
 def test_triton_kernel_compiles_for_sm90_and_sm80(tmp_path):
     """The interpreter does not type-check like the compiler: compile the kernel ahead of time for Hopper and
     Ampere in a process without TRITON_INTERPRET (no GPU needed), for every output dtype."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-        "TRITON_CACHE_DIR": str(tmp_path),
-    }
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert run_python(AOT_SCRIPT, tmp_path).strip().endswith("ok")
