@@ -11,8 +11,6 @@ from torch.utils.cpp_extension import CUDA_HOME
 import sphinx_kernels
 from sphinx_kernels import _backend
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_cpu_kernels_registered():
     assert _backend.extension_has_kernel("tile_gather_out", "CPU"), _backend._extension()[1]
