@@ -152,6 +152,17 @@ def test_from_pretrained_and_apply_revert(tmp_path, seed):
     assert other.config._attn_implementation == "eager" and other.get_experts_implementation()[""] == "eager"
 
 
+def test_torch_compile(seed):
+    """torch.compile over the whole model (graph breaks allowed: unpadding has data-dependent shapes)."""
+    sk_hf.register()
+    model = with_impl(tiny("llama", seed), "sphinx", "sphinx")
+    batch = padded_batch(seed, "left")
+    expected = model(**batch).logits * batch["attention_mask"][..., None]
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="aot_eager")(**batch).logits * batch["attention_mask"][..., None]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_register_is_idempotent():
     assert sk_hf.register() is True
     assert sk_hf.register() is True

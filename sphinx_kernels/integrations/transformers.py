@@ -117,7 +117,7 @@ def sphinx_attention_forward(
         lengths = mask.sum(dim=1, dtype=torch.int32)
         index = torch.nonzero(mask.reshape(-1)).reshape(-1)
         cu_seqlens = _cu_seqlens_from_lengths(lengths)
-        max_seqlen = int(lengths.max())
+        max_seqlen = q_len  # an upper bound is allowed: no device read-back, no graph break
         flat = [t.reshape(batch * q_len, *t.shape[2:]).index_select(0, index) for t in (q, k, v)]
         out = varlen_attention(*flat, cu_seqlens, max_seqlen, causal=is_causal, softmax_scale=scaling)
         padded = out.new_zeros(batch * q_len, heads, head_dim).index_copy(0, index, out)
@@ -128,7 +128,7 @@ def sphinx_attention_forward(
         cu_seqlens = _cu_seqlens_from_position_ids(position_ids)
     else:
         cu_seqlens = torch.arange(0, (batch + 1) * q_len, q_len, device=q.device, dtype=torch.int32)
-    max_seqlen = int(cu_seqlens.diff().max())
+    max_seqlen = int(kwargs.get("max_length_q") or q_len)
     flat = [t.reshape(batch * q_len, *t.shape[2:]) for t in (q, k, v)]
     out = varlen_attention(*flat, cu_seqlens, max_seqlen, causal=is_causal, softmax_scale=scaling)
     return out.view(batch, q_len, heads, head_dim), None
