@@ -163,6 +163,31 @@ def test_torch_compile(seed):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_mistral_window_longer_than_the_batch(seed):
+    """Mistral passes its sliding window to every attention call: one longer than the keys is a no-op, a
+    shorter one is refused (not silently ignored)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
+    model = MistralForCausalLM(config).eval()
+    batch = padded_batch(seed, "right")  # 11 tokens per row at most
+    expected = with_impl(model, "eager", None)(**batch).logits * batch["attention_mask"][..., None]
+    sk_hf.register()
+    got = with_impl(model, "sphinx", None)(**batch).logits * batch["attention_mask"][..., None]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        model(input_ids=torch.randint(1, VOCAB, (1, 20)))
+
+
 def test_register_is_idempotent():
     assert sk_hf.register() is True
     assert sk_hf.register() is True

@@ -100,11 +100,15 @@ def sphinx_attention_forward(
         raise NotImplementedError("attn_implementation='sphinx' has no attention dropout; set it to 0")
     if softcap is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("attn_implementation='sphinx' supports neither logit softcapping nor sinks")
-    if sliding_window is not None:
-        raise NotImplementedError("attn_implementation='sphinx' has no sliding-window attention")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     batch, heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
+    # A window at least as long as every sequence changes nothing (Mistral's 4096 on shorter batches).
+    if sliding_window is not None and kv_len > sliding_window:
+        raise NotImplementedError(
+            f"attn_implementation='sphinx' has no sliding-window attention (window {sliding_window} < "
+            f"{kv_len} keys)"
+        )
     if q_len != kv_len:
         return _sdpa_with_cache(query, key, value, attention_mask, scaling, is_causal), None
 
