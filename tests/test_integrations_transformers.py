@@ -188,6 +188,23 @@ def test_mistral_window_longer_than_the_batch(seed):
         model(input_ids=torch.randint(1, VOCAB, (1, 20)))
 
 
+def test_without_experts_interface_attention_only(monkeypatch, caplog):
+    """A transformers without ExpertsInterface (before 5.0): attention is registered, experts are not, and
+    one warning says so."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.integrations.moe", None)  # makes that import fail
+    monkeypatch.setattr(sk_hf, "_registered", False)
+    with caplog.at_level("WARNING", logger=sk_hf.__name__):
+        assert sk_hf.register() is False
+        assert sk_hf.register() is False
+    warnings = [r for r in caplog.records if "attention only" in r.getMessage()]
+    assert len(warnings) == 1
+    from transformers import AttentionInterface
+
+    assert AttentionInterface._global_mapping["sphinx"] is sk_hf.sphinx_attention_forward
+
+
 def test_register_is_idempotent():
     assert sk_hf.register() is True
     assert sk_hf.register() is True
