@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import os
 import platform
 import statistics
 import time
@@ -105,7 +104,3 @@ def print_table(rows: list[Row], baseline: str | None = None) -> None:
             ratio = f"{base.seconds / r.seconds:6.2f}x vs {baseline}" if base else ""
             ceiling = f" (ceiling {r.ceiling})" if r.ceiling != "" else ""
             print(f"  {r.backend:<22} {r.seconds * 1e3:10.3f} ms  {r.rate:10.2f} {r.unit}{ceiling}  {ratio}")
-
-
-def threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
