@@ -67,28 +67,50 @@ def moe_step(tensors, top_k, backend, backward):
     return step
 
 
-def grouped_mm_peer_step(tensors, top_k, backward):
-    """torch._grouped_mm on tokens already sorted by expert: the expert MLP alone, the issue's peer."""
+def sorted_peer_step(tensors, top_k, backward, expert_mlp):
+    """A peer that runs `expert_mlp(x_sorted, w1, w3, w2, offsets, bounds)` on tokens already sorted by expert:
+    the expert MLP alone, no routing or permutation (the issue's peers). `bounds`: host (start, end) per
+    expert, read once here, outside the timed step."""
     x, rw, w1, w3, w2 = tensors
-    E = rw.shape[0]
     with torch.no_grad():
         _, ids = torch.topk(x.float() @ rw.float().T, top_k, dim=-1)
-        x_sorted, _, offsets = moe.permute_ref(x, ids, E)
+        x_sorted, _, offsets = moe.permute_ref(x, ids, rw.shape[0])
+    ends = offsets.tolist()
+    bounds = list(zip([0, *ends[:-1]], ends, strict=True))
     leaves = [t.detach().requires_grad_(backward) for t in (x_sorted, w1, w3, w2)]
     grad = torch.randn_like(x_sorted)
 
     def step():
         for t in leaves:
             t.grad = None
-        xs, a, b, c = leaves
         with torch.set_grad_enabled(backward):
-            h = F.silu(torch._grouped_mm(xs, a, offsets)) * torch._grouped_mm(xs, b, offsets)
-            y = torch._grouped_mm(h, c, offsets)
+            y = expert_mlp(*leaves, offsets, bounds)
             if backward:
                 y.backward(grad)
         return y
 
     return step
+
+
+def grouped_mm_peer_step(tensors, top_k, backward):
+    """torch._grouped_mm on sorted tokens."""
+
+    def mlp(xs, a, b, c, offsets, _bounds):
+        h = F.silu(torch._grouped_mm(xs, a, offsets)) * torch._grouped_mm(xs, b, offsets)
+        return torch._grouped_mm(h, c, offsets)
+
+    return sorted_peer_step(tensors, top_k, backward, mlp)
+
+
+def loop_peer_step(tensors, top_k, backward):
+    """A per-expert loop of matmuls on sorted tokens (the issue's "loop")."""
+
+    def mlp(xs, a, b, c, _offsets, bounds):
+        return torch.cat(
+            [(F.silu(xs[s:e] @ a[i]) * (xs[s:e] @ b[i])) @ c[i] for i, (s, e) in enumerate(bounds)]
+        )
+
+    return sorted_peer_step(tensors, top_k, backward, mlp)
 
 
 def interleaved(fns: dict, device: str, rounds: int) -> dict[str, float]:
@@ -103,31 +125,6 @@ def interleaved(fns: dict, device: str, rounds: int) -> dict[str, float]:
         for name, fn in fns.items():
             times[name].append(median_seconds(fn, device, repeats=1, warmup=0))
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def loop_peer_step(tensors, top_k, backward):
-    """A per-expert loop of matmuls on tokens already sorted by expert (the issue's "loop"): no routing."""
-    x, rw, w1, w3, w2 = tensors
-    with torch.no_grad():
-        _, ids = torch.topk(x.float() @ rw.float().T, top_k, dim=-1)
-        x_sorted, _, offsets = moe.permute_ref(x, ids, rw.shape[0])
-    ends = offsets.tolist()
-    bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-    leaves = [t.detach().requires_grad_(backward) for t in (x_sorted, w1, w3, w2)]
-    grad = torch.randn_like(x_sorted)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        xs, a, b, c = leaves
-        with torch.set_grad_enabled(backward):
-            parts = [(F.silu(xs[s:e] @ a[i]) * (xs[s:e] @ b[i])) @ c[i] for i, (s, e) in enumerate(bounds)]
-            y = torch.cat(parts)
-            if backward:
-                y.backward(grad)
-        return y
-
-    return step
 
 
 def dense_rate(tokens, top_k, d, f, dtype, device) -> float:

@@ -87,7 +87,7 @@ def _status(name: str) -> BackendStatus:
             return BackendStatus(name, False, reason)
         if name == "cpu":
             return BackendStatus(name, True, "C++ CPU kernels in sphinx_kernels._C")
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("sphinx_kernels::tile_gather_out", "CUDA"):
+        if not extension_has_kernel("tile_gather_out", "CUDA"):  # every CUDA build has the tiles kernel
             return BackendStatus(
                 name, False, "extension built without CUDA (no nvcc, or SPHINX_KERNELS_CUDA=0)"
             )

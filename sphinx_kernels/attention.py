@@ -1360,12 +1360,10 @@ _apply_rotary_op.register_autograd(_apply_rotary_backward, setup_context=_apply_
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.compiler.assume_constant_result
 def _select_attention(device_type: str, candidates: tuple[str, ...], backend: str | None) -> str:
     return _backend.select("attention", candidates, torch.device(device_type), backend=backend)
 
 
-@torch.compiler.assume_constant_result
 def _select_rope(device_type: str, backend: str | None) -> str:
     return _backend.select("rope", ROPE_BACKENDS, torch.device(device_type), backend=backend)
 

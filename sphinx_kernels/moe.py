@@ -912,6 +912,28 @@ def _check_tensor(name: str, t: object, dim: int, dtypes: tuple[torch.dtype, ...
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
 
 
+def _check_like_x(name: str, t: object, dim: int, x: torch.Tensor) -> None:
+    _check_tensor(name, t, dim, FLOAT_DTYPES)
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_expert_weights(x: torch.Tensor, w1: object, w3: object, w2: object, num_experts: int) -> None:
+    """w1, w3 ``(E, d, f)`` and w2 ``(E, f, d)`` of x's dtype and device."""
+    for name, t in (("w1", w1), ("w3", w3), ("w2", w2)):
+        _check_like_x(name, t, 3, x)
+    E, d = num_experts, x.shape[1]
+    if w1.shape[0] != E or w1.shape[1] != d:
+        raise ValueError(f"w1 must have shape (E={E}, d={d}, f), got {tuple(w1.shape)}")
+    f = w1.shape[2]
+    if tuple(w3.shape) != (E, d, f):
+        raise ValueError(f"w3 must have w1's shape {(E, d, f)}, got {tuple(w3.shape)}")
+    if tuple(w2.shape) != (E, f, d):
+        raise ValueError(f"w2 must have shape (E={E}, f={f}, d={d}), got {tuple(w2.shape)}")
+
+
 def _check_expert_ids(expert_ids: torch.Tensor, tokens: int, num_experts: int) -> None:
     _check_tensor("expert_ids", expert_ids, 2, (torch.int64, torch.int32))
     if expert_ids.shape[0] != tokens:
@@ -1089,23 +1111,13 @@ def moe_mlp(
         expert, load-balancing loss). Differentiable in x, router_weight, w1, w3, w2 (and through the loss).
     """
     _check_tensor("x", x, 2, FLOAT_DTYPES)
-    tokens, d = x.shape
-    for name, t, dim in (("router_weight", router_weight, 2), ("w1", w1, 3), ("w3", w3, 3), ("w2", w2, 3)):
-        _check_tensor(name, t, dim, FLOAT_DTYPES)
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_like_x("router_weight", router_weight, 2, x)
     E = router_weight.shape[0]
-    if router_weight.shape[1] != d:
-        raise ValueError(f"router_weight must have shape (E, d={d}), got {tuple(router_weight.shape)}")
-    if w1.shape[0] != E or w1.shape[1] != d:
-        raise ValueError(f"w1 must have shape (E={E}, d={d}, f), got {tuple(w1.shape)}")
-    f = w1.shape[2]
-    if tuple(w3.shape) != (E, d, f):
-        raise ValueError(f"w3 must have w1's shape {(E, d, f)}, got {tuple(w3.shape)}")
-    if tuple(w2.shape) != (E, f, d):
-        raise ValueError(f"w2 must have shape (E={E}, f={f}, d={d}), got {tuple(w2.shape)}")
+    if router_weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"router_weight must have shape (E, d={x.shape[1]}), got {tuple(router_weight.shape)}"
+        )
+    _check_expert_weights(x, w1, w3, w2, E)
     _check_top_k(top_k, E, expert_mask)
     chosen = _select(x.device, backend)
     _check_gemm_dtype(chosen, x.dtype)
@@ -1113,10 +1125,7 @@ def moe_mlp(
         return moe_mlp_ref(x, router_weight, w1, w3, w2, top_k=top_k, expert_mask=expert_mask)
 
     weights, ids, probs = route_ref(x @ router_weight.T, top_k, expert_mask=expert_mask)
-    x_sorted, row_map, offsets = _permute_op(x.contiguous(), ids, E, _permute_backend(chosen))
-    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
-    y_sorted, _, _, _ = _moe_experts_op(x_sorted, w1, w3, w2, offsets, chosen, save_pre)
-    out = _unpermute_op(y_sorted, row_map, weights, _permute_backend(chosen))
+    out, offsets = _routed_experts(x, ids, weights, w1, w3, w2, chosen)
     tokens_per_expert = torch.diff(offsets, prepend=offsets.new_zeros(1))
     aux = MoEAux(probs, ids, tokens_per_expert, load_balancing_loss(probs, ids, expert_mask=expert_mask))
     return out, aux
@@ -1144,19 +1153,9 @@ def moe_experts(
         ``(T, d)`` of x's dtype. Differentiable in x, weights, w1, w3, w2.
     """
     _check_tensor("x", x, 2, FLOAT_DTYPES)
-    tokens, d = x.shape
-    for name, t in (("w1", w1), ("w3", w3), ("w2", w2)):
-        _check_tensor(name, t, 3, FLOAT_DTYPES)
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    E, f = w1.shape[0], w1.shape[2]
-    if w1.shape[1] != d or tuple(w3.shape) != (E, d, f) or tuple(w2.shape) != (E, f, d):
-        raise ValueError(
-            f"w1, w3 must have shape (E, d={d}, f) and w2 (E, f, d); got {tuple(w1.shape)}, "
-            f"{tuple(w3.shape)}, {tuple(w2.shape)}"
-        )
+    _check_tensor("w1", w1, 3, FLOAT_DTYPES)  # its shape gives E; the full check follows
+    E, tokens = w1.shape[0], x.shape[0]
+    _check_expert_weights(x, w1, w3, w2, E)
     _check_expert_ids(expert_ids, tokens, E)
     _check_tensor("weights", weights, 2, FLOAT_DTYPES)
     if weights.shape != expert_ids.shape:
@@ -1168,7 +1167,12 @@ def moe_experts(
     ids = expert_ids.to(torch.int64).contiguous()
     if chosen == "torch":
         return moe_experts_ref(x, ids, weights, w1, w3, w2)
-    x_sorted, row_map, offsets = _permute_op(x.contiguous(), ids, E, _permute_backend(chosen))
+    return _routed_experts(x, ids, weights.to(torch.float32).contiguous(), w1, w3, w2, chosen)[0]
+
+
+def _routed_experts(x, ids, weights, w1, w3, w2, chosen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permute, SwiGLU experts, weighted unpermute on a kernel backend; returns ``(out, offsets)``."""
+    x_sorted, row_map, offsets = _permute_op(x.contiguous(), ids, w1.shape[0], _permute_backend(chosen))
     save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
     y_sorted, _, _, _ = _moe_experts_op(x_sorted, w1, w3, w2, offsets, chosen, save_pre)
-    return _unpermute_op(y_sorted, row_map, weights.to(torch.float32).contiguous(), _permute_backend(chosen))
+    return _unpermute_op(y_sorted, row_map, weights, _permute_backend(chosen)), offsets

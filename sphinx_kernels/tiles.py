@@ -14,6 +14,7 @@ the source pixels. Backends: ``cuda`` and ``cpu`` (compiled extension), ``triton
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -87,13 +88,27 @@ class TilePlan:
     tile: int
     resized_sizes: tuple[tuple[int, int], ...]
     global_sizes: tuple[tuple[int, int], ...]
-    kept: torch.Tensor
     views_per_image: list[int]
-    image_index: torch.Tensor
-    view_tile: torch.Tensor
-    # Per view (image, H, W, out_h, out_w, y0, x0) and (r, c): host copies for kernels and compile.
+    # Per view (image, H, W, out_h, out_w, y0, x0) and (r, c): the plan itself, in host ints (kernels'
+    # table, torch.compile constants); the tensors below are views of it.
     _geometry: list[tuple[int, ...]] = field(repr=False)
     _tiles: list[tuple[int, int]] = field(repr=False)
+
+    @property
+    def kept(self) -> torch.Tensor:
+        kept = torch.zeros(self.num_images, self.grid, self.grid, dtype=torch.bool)
+        for (i, *_), (r, c) in zip(self._geometry, self._tiles, strict=True):
+            if r >= 0:
+                kept[i, r, c] = True
+        return kept
+
+    @property
+    def image_index(self) -> torch.Tensor:
+        return torch.tensor([g[0] for g in self._geometry], dtype=torch.int64)
+
+    @property
+    def view_tile(self) -> torch.Tensor:
+        return torch.tensor(self._tiles, dtype=torch.int64).reshape(-1, 2)
 
     @property
     def num_images(self) -> int:
@@ -113,11 +128,8 @@ class TilePlan:
 
     def kept_tiles(self, image: int) -> list[tuple[int, int]]:
         """``(r, c)`` of image `image`'s kept tiles, row-major (host ints, no tensor read)."""
-        return [
-            (r, c)
-            for (i, *_), (r, c) in zip(self._geometry, self._tiles, strict=True)
-            if i == image and r >= 0
-        ]
+        first = sum(self.views_per_image[:image]) + 1  # past the image's global view
+        return self._tiles[first : first + self.views_per_image[image] - 1]
 
     def visual_tokens(self, tokens_per_view: int, *, delimiters_per_view: int = 2) -> list[int]:
         """Sequence positions each image takes in the LLM: per kept view its encoder tokens plus the
@@ -153,14 +165,12 @@ def plan_tiles(sizes: Sequence[tuple[int, int]], canvas: int = 448, grid: int = 
             raise ValueError(f"sizes[{i}] = {(h, w)}: an image needs at least one pixel")
     resized = tuple(resized_size(h, w, canvas) for h, w in sizes)
     global_sizes = tuple(resized_size(h, w, tile) for h, w in sizes)
-    kept, views_per_image, image_index, view_tile, geometry = [], [], [], [], []
+    views_per_image, view_tile, geometry = [], [], []
     for i, ((h, w), (rh, rw), (gh, gw)) in enumerate(zip(sizes, resized, global_sizes, strict=True)):
-        kept.append([[r * tile < rh and c * tile < rw for c in range(grid)] for r in range(grid)])
-        tiles = [(r, c) for r in range(grid) for c in range(grid) if kept[i][r][c]]
+        tiles = [(r, c) for r in range(grid) for c in range(grid) if r * tile < rh and c * tile < rw]
         geometry += [(i, h, w, gh, gw, 0, 0)] + [(i, h, w, rh, rw, r * tile, c * tile) for r, c in tiles]
         view_tile += [(-1, -1)] + tiles
         views_per_image.append(1 + len(tiles))
-        image_index += [i] * (1 + len(tiles))
     return TilePlan(
         sizes=sizes,
         canvas=canvas,
@@ -168,10 +178,7 @@ def plan_tiles(sizes: Sequence[tuple[int, int]], canvas: int = 448, grid: int = 
         tile=tile,
         resized_sizes=resized,
         global_sizes=global_sizes,
-        kept=torch.tensor(kept, dtype=torch.bool).reshape(len(sizes), grid, grid),
         views_per_image=views_per_image,
-        image_index=torch.tensor(image_index, dtype=torch.int64),
-        view_tile=torch.tensor(view_tile, dtype=torch.int64).reshape(-1, 2),
         _geometry=geometry,
         _tiles=view_tile,
     )
@@ -245,12 +252,9 @@ class ImageBatch:
                 raise ValueError(f"images[{i}] has zero size {tuple(img.shape)}")
             if img.device != images[0].device:
                 raise ValueError(f"images[{i}] is on {img.device} but images[0] is on {images[0].device}")
-        numels = [img.numel() for img in images]
-        offsets = [0]
-        for n in numels[:-1]:
-            offsets.append(offsets[-1] + n)
+        offsets = (0, *itertools.accumulate(img.numel() for img in images[:-1]))
         data = torch.cat([img.reshape(-1) for img in images])
-        return cls(data, tuple(offsets), tuple((img.shape[0], img.shape[1]) for img in images))
+        return cls(data, offsets, tuple((img.shape[0], img.shape[1]) for img in images))
 
     def __len__(self) -> int:
         return len(self.sizes)

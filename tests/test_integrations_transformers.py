@@ -9,6 +9,8 @@ from transformers import (  # noqa: E402
     DataCollatorWithFlattening,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
 )
@@ -18,7 +20,8 @@ from sphinx_kernels.integrations import transformers as sk_hf  # noqa: E402
 VOCAB = 97
 
 
-def tiny(kind: str, seed: int):
+def tiny(kind: str, seed: int, **overrides):
+    """A 2-layer random "llama", "mistral" or "mixtral" (4 experts, top 2); `overrides` go to its config."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=VOCAB,
@@ -29,9 +32,12 @@ def tiny(kind: str, seed: int):
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=False,
+        **overrides,
     )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common))
     else:
         model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
     for p in model.parameters():  # HF inits small weights: widen them so differences would show
@@ -166,19 +172,7 @@ def test_torch_compile(seed):
 def test_mistral_window_longer_than_the_batch(seed):
     """Mistral passes its sliding window to every attention call: one longer than the keys is a no-op, a
     shorter one is refused (not silently ignored)."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-    )
-    model = MistralForCausalLM(config).eval()
+    model = tiny("mistral", seed, sliding_window=16)
     batch = padded_batch(seed, "right")  # 11 tokens per row at most
     expected = with_impl(model, "eager", None)(**batch).logits * batch["attention_mask"][..., None]
     sk_hf.register()

@@ -22,6 +22,7 @@ it does not cover (biases, interleaved gate/up, post-expert norms, expert parall
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +57,37 @@ def _cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, ends]).to(torch.int32)
 
 
-def _is_packed(position_ids: torch.Tensor | None, batch_size: int) -> bool:
-    if position_ids is None or batch_size != 1 or position_ids.shape[-1] < 2:
-        return False
-    return bool((position_ids[0, 1:] == 0).any())  # a restart after the first token
+def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Boundaries of a packed row (position ids restarting after the first token), else None."""
+    if position_ids.shape[-1] < 2 or not bool((position_ids[0, 1:] == 0).any()):
+        return None
+    return _cu_seqlens_from_position_ids(position_ids)
+
+
+def _unpadding(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the real tokens and their int32 boundaries, from a boolean ``(B, S)`` mask."""
+    index = torch.nonzero(mask.reshape(-1)).reshape(-1)
+    return index, _cu_seqlens_from_lengths(mask.sum(dim=1, dtype=torch.int32))
+
+
+# Every layer of one forward receives the same mask / position-ids tensor: derive the token layout (and
+# its device read-backs) once per tensor, not once per layer, and hand the kernel one cu_seqlens tensor
+# (whose value checks are also once per tensor). `_version` catches in-place edits.
+# Keyed by identity (tensors compare elementwise), dropped when the tensor dies.
+_layouts: dict[int, tuple[object, object]] = {}
+
+
+def _layout(source: torch.Tensor, key: object, build):
+    if torch.compiler.is_compiling():
+        return build()
+    stamp = (key, source._version)
+    entry = _layouts.get(id(source))
+    if entry is None or entry[0] != stamp:
+        if entry is None:
+            weakref.finalize(source, _layouts.pop, id(source), None)
+        entry = (stamp, build())
+        _layouts[id(source)] = entry
+    return entry[1]
 
 
 def _sdpa_with_cache(query, key, value, attention_mask, scaling, is_causal):
@@ -114,23 +142,23 @@ def sphinx_attention_forward(
 
     # (B, H, S, D) -> (B, S, H, D): the token-major layout of the varlen kernel.
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    given = kwargs.get("cu_seq_lens_q")  # DataCollatorWithFlattening(return_flash_attn_kwargs=True)
     position_ids = kwargs.get("position_ids")
     if attention_mask is not None:
-        mask = attention_mask[:, -kv_len:].bool()
-        lengths = mask.sum(dim=1, dtype=torch.int32)
-        index = torch.nonzero(mask.reshape(-1)).reshape(-1)
-        cu_seqlens = _cu_seqlens_from_lengths(lengths)
+        index, cu_seqlens = _layout(
+            attention_mask, kv_len, lambda: _unpadding(attention_mask[:, -kv_len:].bool())
+        )
         max_seqlen = q_len  # an upper bound is allowed: no device read-back, no graph break
         flat = [t.reshape(batch * q_len, *t.shape[2:]).index_select(0, index) for t in (q, k, v)]
         out = varlen_attention(*flat, cu_seqlens, max_seqlen, causal=is_causal, softmax_scale=scaling)
         padded = out.new_zeros(batch * q_len, heads, head_dim).index_copy(0, index, out)
         return padded.view(batch, q_len, heads, head_dim), None
-    if cu_seqlens is not None and batch == 1:
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    elif _is_packed(position_ids, batch):
-        cu_seqlens = _cu_seqlens_from_position_ids(position_ids)
-    else:
+    cu_seqlens = None
+    if given is not None and batch == 1:
+        cu_seqlens = _layout(given, None, lambda: given.to(device=q.device, dtype=torch.int32))
+    elif position_ids is not None and batch == 1:
+        cu_seqlens = _layout(position_ids, None, lambda: _packed_cu_seqlens(position_ids))
+    if cu_seqlens is None:
         cu_seqlens = torch.arange(0, (batch + 1) * q_len, q_len, device=q.device, dtype=torch.int32)
     max_seqlen = int(kwargs.get("max_length_q") or q_len)
     flat = [t.reshape(batch * q_len, *t.shape[2:]) for t in (q, k, v)]
