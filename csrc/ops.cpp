@@ -19,4 +19,8 @@ TORCH_LIBRARY(sphinx_kernels, m) {
   // Grouped MoE: rows sorted by expert (stable), int32 cumulative expert ends; weighted un-permutation (moe.cpp).
   m.def("moe_permute(Tensor x, Tensor expert_ids, int num_experts) -> (Tensor x_sorted, Tensor row_map, Tensor offsets)");
   m.def("moe_unpermute(Tensor y_sorted, Tensor row_map, Tensor weights) -> Tensor");
+  // The expert MLP's elementwise SwiGLU, forward h = silu(a1) * a3 and backward, one pass each (moe.cpp).
+  // da1 may be dh itself: the backward reads each element before writing it.
+  m.def("swiglu_out(Tensor a1, Tensor a3, Tensor(a!) h) -> ()");
+  m.def("swiglu_backward_out(Tensor dh, Tensor a1, Tensor a3, Tensor(a!) da1, Tensor(b!) da3) -> ()");
 }

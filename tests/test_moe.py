@@ -654,6 +654,67 @@ def test_opcheck_extension_ops():
     torch.library.opcheck(torch.ops.sphinx_kernels.moe_unpermute, (x_sorted, row_map, torch.rand(7, 2)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_swiglu_cpu_kernels_against_float64(dtype):
+    """The cpu engine's fused SwiGLU passes (its own exp) against float64, on an odd size (vector tails) with
+    magnitudes up to 100 (the exp's clamping range) and exact zeros; low precision within twice the error of
+    PyTorch's ops in that dtype, float32/float64 within twice the error of PyTorch's float32 ops."""
+    _ext_or_skip("cpu")
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    a1, a3, dh = (torch.randn(37, 29, generator=gen) * 8 for _ in range(3))
+    a1[0, :8] = torch.tensor([100.0, -100.0, 88.5, -87.5, 0.0, 1e-30, -20.0, 20.0])
+    a1, a3, dh = (t.to(dtype) for t in (a1, a3, dh))
+    g64, up64 = a1.double().clone().requires_grad_(), a3.double().clone().requires_grad_()
+    h64 = F.silu(g64) * up64
+    h64.backward(dh.double())
+    yardstick = dtype if dtype != torch.float64 else torch.float32  # PyTorch's own ops in that dtype
+    g, up = a1.to(yardstick).clone().requires_grad_(), a3.to(yardstick).clone().requires_grad_()
+    h_ref = F.silu(g) * up
+    h_ref.backward(dh.to(yardstick))
+
+    h = torch.empty_like(a1)
+    torch.ops.sphinx_kernels.swiglu_out(a1, a3, h)
+    da1, da3 = torch.empty_like(a1), torch.empty_like(a1)
+    torch.ops.sphinx_kernels.swiglu_backward_out(dh, a1, a3, da1, da3)
+    assert_within_reference_error(h, h64, h_ref, name="h")
+    assert_within_reference_error(da1, g64.grad, g.grad, name="da1")
+    assert_within_reference_error(da3, up64.grad, up.grad, name="da3")
+    if dtype == torch.float64:  # its own precision, not float32's
+        torch.testing.assert_close(h, h64.detach(), rtol=1e-13, atol=1e-300)
+    # da1 written over dh (how the cpu engine calls it) gives the same values.
+    in_place, da3_again = dh.clone(), torch.empty_like(a1)
+    torch.ops.sphinx_kernels.swiglu_backward_out(in_place, a1, a3, in_place, da3_again)
+    assert torch.equal(in_place, da1) and torch.equal(da3_again, da3)
+
+
+def test_swiglu_cpu_kernels_propagate_nan_and_reject_bad_input():
+    _ext_or_skip("cpu")
+    a1 = torch.tensor([float("nan"), float("inf"), 1.0, -3.0])
+    a3 = torch.ones(4)
+    h = torch.empty(4)
+    torch.ops.sphinx_kernels.swiglu_out(a1, a3, h)
+    assert h[0].isnan() and h[1] == float("inf")
+    torch.testing.assert_close(h[2:], F.silu(a1[2:]))
+    ops = torch.ops.sphinx_kernels
+    with pytest.raises(RuntimeError, match="h must have a1's shape"):
+        ops.swiglu_out(a1, a3, torch.empty(5))
+    with pytest.raises(RuntimeError, match="a3 must have a1's shape and dtype"):
+        ops.swiglu_out(a1, a3.double(), h)
+    with pytest.raises(RuntimeError, match="a1 must be a contiguous CPU tensor"):
+        ops.swiglu_out(torch.ones(4, 2).T, torch.ones(2, 4), torch.empty(2, 4))
+    with pytest.raises(RuntimeError, match="da3 must have a1's shape"):
+        ops.swiglu_backward_out(a3, a1, a3, torch.empty(4), torch.empty(3))
+
+
+def test_opcheck_swiglu_kernels():
+    _ext_or_skip("cpu")
+    torch.use_deterministic_algorithms(False)
+    a1, a3, dh = torch.randn(3, 5, 7).unbind(0)
+    torch.library.opcheck(torch.ops.sphinx_kernels.swiglu_out, (a1, a3, torch.empty(5, 7)))
+    args = (dh, a1, a3, torch.empty(5, 7), torch.empty(5, 7))
+    torch.library.opcheck(torch.ops.sphinx_kernels.swiglu_backward_out, args)
+
+
 def test_extension_registers_moe_kernels():
     """The C++ kernels are in the build: CPU always, CUDA wherever the build found nvcc (proves moe.cu
     compiled and linked even on a machine that cannot run it)."""
@@ -663,6 +724,8 @@ def test_extension_registers_moe_kernels():
 
     assert _backend.extension_has_kernel("moe_permute", "CPU"), _backend._extension()[1]
     assert _backend.extension_has_kernel("moe_unpermute", "CPU")
+    assert _backend.extension_has_kernel("swiglu_out", "CPU")
+    assert _backend.extension_has_kernel("swiglu_backward_out", "CPU")
     nvcc = torch.version.cuda and CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").exists()
     if (
         nvcc
