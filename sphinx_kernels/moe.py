@@ -992,6 +992,7 @@ if _backend.extension_has_kernel("moe_permute", "CPU") or _backend.extension_has
     def _(y_sorted, row_map, weights):
         return y_sorted.new_empty(row_map.shape[0], y_sorted.shape[1])
 
+
 if _backend.extension_has_kernel("swiglu_out", "CPU"):
 
     @torch.library.register_fake("sphinx_kernels::swiglu_out")
