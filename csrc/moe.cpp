@@ -80,24 +80,28 @@ using op_t = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, doubl
 // Cloned for AVX-512 and AVX2 (chosen at run time): the x86-64 baseline has 4-wide SSE2 only.
 template <typename scalar_t>
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void swiglu_forward_kernel(
-    const scalar_t* a1, const scalar_t* a3, scalar_t* h, int64_t n) {
+    const scalar_t* __restrict a1, const scalar_t* __restrict a3, scalar_t* __restrict h, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const op_t<scalar_t> g = a1[i];
     h[i] = static_cast<scalar_t>(g * sigmoid(g) * static_cast<op_t<scalar_t>>(a3[i]));
   }
 }
 
-// da3 = dh * silu(a1); da1 = dh * a3 * silu'(a1), silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g).
-// `da1` may be `dh` itself (each element is read before it is written).
+// In place on dh: da1 = dh * a3 * silu'(a1), silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g); da3 = dh * silu(a1);
+// and h = silu(a1) * a3 again, nearly free here, so the forward need not keep h for w2's gradient. Distinct
+// restrict pointers: with six possibly aliased ones GCC gives up vectorising (too many overlap checks).
 template <typename scalar_t>
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void swiglu_backward_kernel(
-    const scalar_t* dh, const scalar_t* a1, const scalar_t* a3, scalar_t* da1, scalar_t* da3, int64_t n) {
+    scalar_t* __restrict dh_da1, const scalar_t* __restrict a1, const scalar_t* __restrict a3,
+    scalar_t* __restrict da3, scalar_t* __restrict h, int64_t n) {
   using acc_t = op_t<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t g = a1[i], up = a3[i], grad = dh[i];
+    const acc_t g = a1[i], up = a3[i], grad = dh_da1[i];
     const acc_t s = sigmoid(g);
-    da3[i] = static_cast<scalar_t>(grad * g * s);
-    da1[i] = static_cast<scalar_t>(grad * up * s * (acc_t(1) + g * (acc_t(1) - s)));
+    const acc_t silu = g * s;
+    h[i] = static_cast<scalar_t>(silu * up);
+    da3[i] = static_cast<scalar_t>(grad * silu);
+    dh_da1[i] = static_cast<scalar_t>(grad * up * s * (acc_t(1) + g * (acc_t(1) - s)));
   }
 }
 
@@ -121,19 +125,28 @@ void swiglu_out_cpu(const at::Tensor& a1, const at::Tensor& a3, at::Tensor& h) {
   });
 }
 
-void swiglu_backward_out_cpu(const at::Tensor& dh, const at::Tensor& a1, const at::Tensor& a3, at::Tensor& da1,
-                             at::Tensor& da3) {
-  for (auto [name, t] : {std::pair{"dh", &dh}, {"a1", &a1}, {"a3", &a3}, {"da1", &da1}, {"da3", &da3}}) {
-    check_swiglu_arg("swiglu_backward_out", name, *t, a1);
+bool same_memory(const at::Tensor& a, const at::Tensor& b) { return a.data_ptr() == b.data_ptr(); }
+
+void swiglu_backward_cpu_(at::Tensor& dh, const at::Tensor& a1, const at::Tensor& a3, at::Tensor& da3,
+                          at::Tensor& h) {
+  using Arg = std::pair<const char*, const at::Tensor*>;
+  for (auto [name, t] : {Arg{"dh", &dh}, Arg{"a1", &a1}, Arg{"a3", &a3}, Arg{"da3", &da3}, Arg{"h", &h}}) {
+    check_swiglu_arg("swiglu_backward_", name, *t, a1);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a1.scalar_type(), "swiglu_backward_out_cpu", [&] {
-    const scalar_t* grad = dh.data_ptr<scalar_t>();
+  for (const at::Tensor* out : std::initializer_list<const at::Tensor*>{&dh, &da3, &h}) {
+    for (const at::Tensor* other : std::initializer_list<const at::Tensor*>{&dh, &a1, &a3, &da3, &h}) {
+      TORCH_CHECK(out == other || !same_memory(*out, *other),
+                  "swiglu_backward_: dh, da3 and h are written and must not share memory with another argument");
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a1.scalar_type(), "swiglu_backward_cpu_", [&] {
+    scalar_t* grad = dh.data_ptr<scalar_t>();
     const scalar_t* g = a1.data_ptr<scalar_t>();
     const scalar_t* up = a3.data_ptr<scalar_t>();
-    scalar_t* d1 = da1.data_ptr<scalar_t>();
     scalar_t* d3 = da3.data_ptr<scalar_t>();
+    scalar_t* out = h.data_ptr<scalar_t>();
     at::parallel_for(0, a1.numel(), kSwigluGrain, [&](int64_t begin, int64_t end) {
-      swiglu_backward_kernel<scalar_t>(grad + begin, g + begin, up + begin, d1 + begin, d3 + begin, end - begin);
+      swiglu_backward_kernel<scalar_t>(grad + begin, g + begin, up + begin, d3 + begin, out + begin, end - begin);
     });
   });
 }
@@ -196,13 +209,57 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y_sorted, const at::Tensor& row_m
   return out;
 }
 
+// Gradients of unpermute in one pass over the tokens: grad_y[row_map[t, j]] = weights[t, j] * grad[t] (each
+// sorted row belongs to exactly one (token, slot): a scatter, never a sum) and grad_weights[t, j] =
+// <grad[t], y_sorted[row_map[t, j]]>, accumulated in float (double for double).
+std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward_cpu(const at::Tensor& grad, const at::Tensor& y_sorted,
+                                                              const at::Tensor& row_map, const at::Tensor& weights) {
+  check_moe_unpermute_args(y_sorted, row_map, weights);
+  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.size(0) == row_map.size(0) &&
+                  grad.size(1) == y_sorted.size(1) && grad.scalar_type() == y_sorted.scalar_type() &&
+                  grad.device() == y_sorted.device(),
+              "moe_unpermute_backward: grad must be a contiguous (T, d) tensor of y_sorted's dtype");
+  const int64_t tokens = row_map.size(0), k = row_map.size(1), d = y_sorted.size(1);
+  auto grad_y = at::empty_like(y_sorted);
+  auto grad_w = at::empty_like(weights);
+  const int64_t* map = row_map.data_ptr<int64_t>();
+  const float* w = weights.data_ptr<float>();
+  float* gw = grad_w.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_sorted.scalar_type(), "moe_unpermute_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* y = y_sorted.data_ptr<scalar_t>();
+    scalar_t* gy = grad_y.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* g_row = g + t * d;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t r = map[t * k + j];
+          const acc_t wj = static_cast<acc_t>(w[t * k + j]);
+          const scalar_t* y_row = y + r * d;
+          scalar_t* gy_row = gy + r * d;
+          acc_t dot = 0;
+          for (int64_t c = 0; c < d; ++c) {
+            const acc_t gc = static_cast<acc_t>(g_row[c]);
+            gy_row[c] = static_cast<scalar_t>(wj * gc);
+            dot += gc * static_cast<acc_t>(y_row[c]);
+          }
+          gw[t * k + j] = static_cast<float>(dot);
+        }
+      }
+    });
+  });
+  return {grad_y, grad_w};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
   m.impl("moe_permute", &moe_permute_cpu);
   m.impl("moe_unpermute", &moe_unpermute_cpu);
+  m.impl("moe_unpermute_backward", &moe_unpermute_backward_cpu);
   m.impl("swiglu_out", &swiglu_out_cpu);
-  m.impl("swiglu_backward_out", &swiglu_backward_out_cpu);
+  m.impl("swiglu_backward_", &swiglu_backward_cpu_);
 }
 
 }  // namespace sphinx_kernels

@@ -19,8 +19,11 @@ TORCH_LIBRARY(sphinx_kernels, m) {
   // Grouped MoE: rows sorted by expert (stable), int32 cumulative expert ends; weighted un-permutation (moe.cpp).
   m.def("moe_permute(Tensor x, Tensor expert_ids, int num_experts) -> (Tensor x_sorted, Tensor row_map, Tensor offsets)");
   m.def("moe_unpermute(Tensor y_sorted, Tensor row_map, Tensor weights) -> Tensor");
+  m.def(
+      "moe_unpermute_backward(Tensor grad, Tensor y_sorted, Tensor row_map, Tensor weights) -> "
+      "(Tensor grad_y_sorted, Tensor grad_weights)");
   // The expert MLP's elementwise SwiGLU, forward h = silu(a1) * a3 and backward, one pass each (moe.cpp).
-  // da1 may be dh itself: the backward reads each element before writing it.
+  // The backward overwrites dh with da1 and also recomputes h (for w2's gradient).
   m.def("swiglu_out(Tensor a1, Tensor a3, Tensor(a!) h) -> ()");
-  m.def("swiglu_backward_out(Tensor dh, Tensor a1, Tensor a3, Tensor(a!) da1, Tensor(b!) da3) -> ()");
+  m.def("swiglu_backward_(Tensor(a!) dh, Tensor a1, Tensor a3, Tensor(b!) da3, Tensor(c!) h) -> ()");
 }

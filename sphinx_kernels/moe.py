@@ -740,12 +740,18 @@ def _(y_sorted, row_map, weights, backend):
 
 
 def _unpermute_setup(ctx, inputs, output):
-    y_sorted, row_map, weights, _ = inputs
+    y_sorted, row_map, weights, backend = inputs
+    ctx.backend = backend
     ctx.save_for_backward(y_sorted, row_map, weights)
 
 
 def _unpermute_backward(ctx, grad):
     y_sorted, row_map, weights = ctx.saved_tensors
+    if ctx.backend == "cpu" and _backend.extension_has_kernel("moe_unpermute_backward", "CPU"):
+        grad_y, grad_w = torch.ops.sphinx_kernels.moe_unpermute_backward(
+            grad.contiguous(), y_sorted, row_map, weights
+        )
+        return grad_y, None, grad_w.to(weights.dtype), None
     grad_y = grad_w = None
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     if ctx.needs_input_grad[0]:
@@ -803,12 +809,14 @@ _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm
 
 def _cpu_experts_forward(x, w1, w3, w2, offsets, save_pre):
     """Per expert: a1 = x@w1, a3 = x@w3, h = silu(a1)*a3 (one compiled pass while a1, a3 are in cache),
-    y = h@w2; every GEMM writes straight into its rows of the outputs. Without `save_pre`, a1/a3 live in one
-    scratch buffer the size of the largest expert group."""
+    y = h@w2; every GEMM writes straight into its rows of the outputs. h lives in a scratch buffer the size of
+    the largest expert group (the backward recomputes it in its fused pass), and so do a1/a3 without
+    `save_pre`: the layer keeps 2 (M, f) activations for backward, not 3. Returns ``(y, h[:0], a1, a3)``."""
     M, f = x.shape[0], w1.shape[-1]
     bounds = _bounds(offsets)
-    y, h = x.new_empty(M, w2.shape[-1]), x.new_empty(M, f)
-    rows = M if save_pre else max((end - start for start, end in bounds), default=0)
+    largest = max((end - start for start, end in bounds), default=0)
+    y, h = x.new_empty(M, w2.shape[-1]), x.new_empty(largest, f)
+    rows = M if save_pre else largest
     a1, a3 = x.new_empty(rows, f), x.new_empty(rows, f)
     end = 0
     for i, (start, end) in enumerate(bounds):
@@ -817,25 +825,25 @@ def _cpu_experts_forward(x, w1, w3, w2, offsets, save_pre):
         pre = slice(start, end) if save_pre else slice(0, end - start)
         torch.mm(x[start:end], w1[i], out=a1[pre])
         torch.mm(x[start:end], w3[i], out=a3[pre])
-        torch.ops.sphinx_kernels.swiglu_out(a1[pre], a3[pre], h[start:end])
-        torch.mm(h[start:end], w2[i], out=y[start:end])
-    y[end:].zero_()
-    h[end:].zero_()
+        torch.ops.sphinx_kernels.swiglu_out(a1[pre], a3[pre], h[: end - start])
+        torch.mm(h[: end - start], w2[i], out=y[start:end])
+    y[end:].zero_()  # rows past the last expert (none when offsets end at M, as the public API checks)
     if not save_pre:
         a1, a3 = a1.new_empty(0, f), a3.new_empty(0, f)
     elif end < M:
         a1[end:].zero_()
         a3[end:].zero_()
-    return y, h, a1, a3
+    return y, h[:0], a1, a3
 
 
-def _cpu_experts_backward(grad, x, w1, w3, w2, offsets, h, a1, a3):
-    """Per expert: dW2 = h.T@dy, dh = dy@w2.T, (da1, da3) in one compiled pass (da1 over dh), then
-    dx = da1@w1.T + da3@w3.T (the second GEMM accumulates in place), dW1 = x.T@da1, dW3 = x.T@da3. The (rows, f)
-    temporaries are two scratch buffers the size of the largest expert group, reused by every expert."""
+def _cpu_experts_backward(grad, x, w1, w3, w2, offsets, a1, a3):
+    """Per expert: dh = dy@w2.T, then one compiled pass gives (da1 in place of dh, da3, h), then dW2 = h.T@dy,
+    dx = da1@w1.T + da3@w3.T (the second GEMM accumulates in place), dW1 = x.T@da1, dW3 = x.T@da3. The
+    (rows, f) temporaries are three scratch buffers the size of the largest expert group, reused by every
+    expert."""
     bounds = _bounds(offsets)
-    rows = max((end - start for start, end in bounds), default=0)
-    dh, da3 = x.new_empty(rows, w1.shape[-1]), x.new_empty(rows, w1.shape[-1])
+    largest = max((end - start for start, end in bounds), default=0)
+    dh, da3, h = (x.new_empty(largest, w1.shape[-1]) for _ in range(3))
     grad_x = torch.empty_like(x)
     # Contiguous gradients whatever the weights' strides (a transposed checkpoint view).
     grad_w1, grad_w3, grad_w2 = (w.new_empty(w.shape) for w in (w1, w3, w2))
@@ -845,13 +853,13 @@ def _cpu_experts_backward(grad, x, w1, w3, w2, offsets, h, a1, a3):
             for g in (grad_w1, grad_w3, grad_w2):
                 g[i].zero_()
             continue
-        rows_e, dy_e, x_e = slice(start, end), grad[start:end], x[start:end]
-        d1, d3 = dh[: end - start], da3[: end - start]
-        torch.mm(h[rows_e].T, dy_e, out=grad_w2[i])
+        rows, n = slice(start, end), end - start
+        dy_e, x_e, d1, d3, h_e = grad[rows], x[rows], dh[:n], da3[:n], h[:n]
         torch.mm(dy_e, w2[i].T, out=d1)
-        torch.ops.sphinx_kernels.swiglu_backward_out(d1, a1[rows_e], a3[rows_e], d1, d3)
-        torch.mm(d1, w1[i].T, out=grad_x[rows_e])
-        grad_x[rows_e].addmm_(d3, w3[i].T)
+        torch.ops.sphinx_kernels.swiglu_backward_(d1, a1[rows], a3[rows], d3, h_e)  # d1: dh -> da1
+        torch.mm(h_e.T, dy_e, out=grad_w2[i])
+        torch.mm(d1, w1[i].T, out=grad_x[rows])
+        grad_x[rows].addmm_(d3, w3[i].T)
         torch.mm(x_e.T, d1, out=grad_w1[i])
         torch.mm(x_e.T, d3, out=grad_w3[i])
     grad_x[end:].zero_()
@@ -895,9 +903,10 @@ def _moe_experts_op(
 def _(x_sorted, w1, w3, w2, offsets, backend, save_pre):
     M, f = x_sorted.shape[0], w1.shape[-1]
     pre = M if save_pre else 0
+    keeps_h = _engine(backend, x_sorted.device, x_sorted.dtype) != "cpu"  # the cpu engine recomputes h
     return (
         x_sorted.new_empty(M, w2.shape[-1]),
-        x_sorted.new_empty(M, f),
+        x_sorted.new_empty(M if keeps_h else 0, f),
         x_sorted.new_empty(pre, f),
         x_sorted.new_empty(pre, f),
     )
@@ -918,7 +927,7 @@ def _moe_experts_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     engine = _engine(backend, x_sorted.device, x_sorted.dtype)
     if engine == "cpu":
-        return _cpu_experts_backward(grad, x_sorted, w1, w3, w2, offsets, h, a1, a3)
+        return _cpu_experts_backward(grad, x_sorted, w1, w3, w2, offsets, a1, a3)
     E = w1.shape[0]
     grad_w2 = _gemm_dw(engine, h, grad, offsets, E)
     if engine == "triton":
@@ -999,9 +1008,13 @@ if _backend.extension_has_kernel("swiglu_out", "CPU"):
     def _(a1, a3, h):
         return None
 
-    @torch.library.register_fake("sphinx_kernels::swiglu_backward_out")
-    def _(dh, a1, a3, da1, da3):
+    @torch.library.register_fake("sphinx_kernels::swiglu_backward_")
+    def _(dh, a1, a3, da3, h):
         return None
+
+    @torch.library.register_fake("sphinx_kernels::moe_unpermute_backward")
+    def _(grad, y_sorted, row_map, weights):
+        return torch.empty_like(y_sorted), torch.empty_like(weights)
 
 
 # ----------------------------------------------------------------------------------------------------

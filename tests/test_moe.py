@@ -479,11 +479,12 @@ def test_permute_unpermute_bit_exact(backend, dtype):
     assert_within_reference_error(out, ref64, moe.unpermute_ref(x_sorted, row_map, weights), atol=1e-7)
 
 
+@pytest.mark.parametrize("d", [7, 133])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
-def test_permute_unpermute_gradients(backend):
+def test_permute_unpermute_gradients(backend, d):
     _ext_or_skip(backend)
-    g = torch.Generator().manual_seed(6)
-    T, d, E, k = 9, 7, 4, 2
+    g = torch.Generator().manual_seed(6 + d)
+    T, E, k = 9, 4, 2
     x = torch.randn(T, d, generator=g, requires_grad=True)
     ids = torch.randint(0, E, (T, k), generator=g)
     weights = torch.rand(T, k, generator=g, requires_grad=True)
@@ -652,6 +653,8 @@ def test_opcheck_extension_ops():
     torch.library.opcheck(torch.ops.sphinx_kernels.moe_permute, (x, ids, 3))
     x_sorted, row_map, _ = torch.ops.sphinx_kernels.moe_permute(x, ids, 3)
     torch.library.opcheck(torch.ops.sphinx_kernels.moe_unpermute, (x_sorted, row_map, torch.rand(7, 2)))
+    args = (torch.randn(7, 5), x_sorted, row_map, torch.rand(7, 2))
+    torch.library.opcheck(torch.ops.sphinx_kernels.moe_unpermute_backward, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -674,17 +677,14 @@ def test_swiglu_cpu_kernels_against_float64(dtype):
 
     h = torch.empty_like(a1)
     torch.ops.sphinx_kernels.swiglu_out(a1, a3, h)
-    da1, da3 = torch.empty_like(a1), torch.empty_like(a1)
-    torch.ops.sphinx_kernels.swiglu_backward_out(dh, a1, a3, da1, da3)
+    da1, da3, h_again = dh.clone(), torch.empty_like(a1), torch.empty_like(a1)
+    torch.ops.sphinx_kernels.swiglu_backward_(da1, a1, a3, da3, h_again)  # dh -> da1 in place
     assert_within_reference_error(h, h64, h_ref, name="h")
     assert_within_reference_error(da1, g64.grad, g.grad, name="da1")
     assert_within_reference_error(da3, up64.grad, up.grad, name="da3")
+    assert torch.equal(h_again, h)  # the backward's recomputed h is the forward's, bit for bit
     if dtype == torch.float64:  # its own precision, not float32's
         torch.testing.assert_close(h, h64.detach(), rtol=1e-13, atol=1e-300)
-    # da1 written over dh (how the cpu engine calls it) gives the same values.
-    in_place, da3_again = dh.clone(), torch.empty_like(a1)
-    torch.ops.sphinx_kernels.swiglu_backward_out(in_place, a1, a3, in_place, da3_again)
-    assert torch.equal(in_place, da1) and torch.equal(da3_again, da3)
 
 
 def test_swiglu_cpu_kernels_propagate_nan_and_reject_bad_input():
@@ -703,7 +703,12 @@ def test_swiglu_cpu_kernels_propagate_nan_and_reject_bad_input():
     with pytest.raises(RuntimeError, match="a1 must be a contiguous CPU tensor"):
         ops.swiglu_out(torch.ones(4, 2).T, torch.ones(2, 4), torch.empty(2, 4))
     with pytest.raises(RuntimeError, match="da3 must have a1's shape"):
-        ops.swiglu_backward_out(a3, a1, a3, torch.empty(4), torch.empty(3))
+        ops.swiglu_backward_(a3.clone(), a1, a3, torch.empty(3), torch.empty(4))
+    with pytest.raises(RuntimeError, match="h must have a1's shape and dtype"):
+        ops.swiglu_backward_(a3.clone(), a1, a3, torch.empty(4), torch.empty(4).half())
+    dh = torch.ones(4)
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        ops.swiglu_backward_(dh, a1, a3, dh, torch.empty(4))
 
 
 def test_opcheck_swiglu_kernels():
@@ -712,7 +717,7 @@ def test_opcheck_swiglu_kernels():
     a1, a3, dh = torch.randn(3, 5, 7).unbind(0)
     torch.library.opcheck(torch.ops.sphinx_kernels.swiglu_out, (a1, a3, torch.empty(5, 7)))
     args = (dh, a1, a3, torch.empty(5, 7), torch.empty(5, 7))
-    torch.library.opcheck(torch.ops.sphinx_kernels.swiglu_backward_out, args)
+    torch.library.opcheck(torch.ops.sphinx_kernels.swiglu_backward_, args)
 
 
 def test_extension_registers_moe_kernels():
@@ -725,7 +730,8 @@ def test_extension_registers_moe_kernels():
     assert _backend.extension_has_kernel("moe_permute", "CPU"), _backend._extension()[1]
     assert _backend.extension_has_kernel("moe_unpermute", "CPU")
     assert _backend.extension_has_kernel("swiglu_out", "CPU")
-    assert _backend.extension_has_kernel("swiglu_backward_out", "CPU")
+    assert _backend.extension_has_kernel("swiglu_backward_", "CPU")
+    assert _backend.extension_has_kernel("moe_unpermute_backward", "CPU")
     nvcc = torch.version.cuda and CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").exists()
     if (
         nvcc
