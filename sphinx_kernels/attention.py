@@ -210,6 +210,64 @@ def _varlen_attention_ref_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _sequence_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    bounds = cu_seqlens.tolist()
+    return [(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True) if end > start]
+
+
+def _heads_first(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows ``[start, end)`` of a packed ``(T, H, D)`` tensor as a ``(1, H, L, D)`` view (no copy)."""
+    return x[start:end].transpose(0, 1).unsqueeze(0)
+
+
+def _cpu_flash_forward(q, k, v, cu_seqlens, causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend on the CPU: PyTorch's CPU flash attention (what SDPA runs there) on each sequence,
+    written into one packed output, keeping each sequence's log-sum-exp (``(Hq, T)``) for the backward. Eager
+    autograd through per-sequence SDPA would instead pay, per sequence, zero-filled full-size gradients of
+    the q/k/v slices (~17% of a training step on the benchmark's mix)."""
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty(
+        (q.shape[1], q.shape[0]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32
+    )
+    for start, end in _sequence_bounds(cu_seqlens):
+        o, seq_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *(_heads_first(t, start, end) for t in (q, k, v)), 0.0, causal, scale=scale
+        )
+        out[start:end] = o[0].transpose(0, 1)
+        lse[:, start:end] = seq_lse[0]
+    return out, lse
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, cu_seqlens, causal, scale):
+    """Gradients of `_cpu_flash_forward`, per sequence with PyTorch's CPU flash backward, straight into
+    packed dq, dk, dv (never zero-filled: the sequences cover every row)."""
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
+    for start, end in _sequence_bounds(cu_seqlens):
+        ks, vs = _heads_first(k, start, end), _heads_first(v, start, end)
+        if group > 1:
+            # The CPU kernel's own grouped-query backward runs one thread per k/v head (1.4x slower on 2
+            # threads with one k/v head); with k/v repeated per q head it spreads over all q heads.
+            ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _heads_first(dout, start, end),
+            _heads_first(q, start, end),
+            ks,
+            vs,
+            _heads_first(out, start, end),
+            lse[:, start:end].unsqueeze(0),
+            0.0,
+            causal,
+            scale=scale,
+        )
+        if group > 1:
+            gk, gv = (g.unflatten(1, (kv_heads, group)).sum(2) for g in (gk, gv))
+        dq[start:end] = gq[0].transpose(0, 1)
+        dk[start:end] = gk[0].transpose(0, 1)
+        dv[start:end] = gv[0].transpose(0, 1)
+    return dq, dk, dv
+
+
 def rotary_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 ``(head_dim // 2,)`` inverse frequencies, computed exactly as Hugging Face Llama does."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
@@ -1256,12 +1314,15 @@ def _varlen_attention_fwd_op(
     softmax_scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out (T, Hq, D) q.dtype, lse)``: triton: lse float32 ``(Hq, T)``, the natural-log softmax
-    normaliser kept for backward; torch (the reference, used here only under torch.compile): lse float32
-    ``(Hq, 0)``, its backward recomputes the forward."""
+    """Returns ``(out (T, Hq, D) q.dtype, lse)``: triton, and torch on the CPU: lse float32 ``(Hq, T)`` (float64
+    for float64 on the CPU), the natural-log softmax normaliser kept for backward; torch elsewhere (the
+    reference, used here only under torch.compile): lse float32 ``(Hq, 0)``, its backward recomputes the
+    forward."""
     if backend == "triton":
         with _on_device(q):
             return _varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+    if backend == "torch" and q.device.type == "cpu":
+        return _cpu_flash_forward(q, k, v, cu_seqlens, causal, softmax_scale)
     if backend == "torch":
         out = varlen_attention_ref(q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale)
         return out, q.new_empty((q.shape[1], 0), dtype=torch.float32)
@@ -1271,8 +1332,10 @@ def _varlen_attention_fwd_op(
 @_varlen_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, backend):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse_tokens = 0 if backend == "torch" else q.shape[0]
-    return out, q.new_empty((q.shape[1], lse_tokens), dtype=torch.float32)
+    cpu_flash = backend == "torch" and q.device.type == "cpu"
+    lse_tokens = 0 if backend == "torch" and not cpu_flash else q.shape[0]
+    lse_dtype = torch.float64 if cpu_flash and q.dtype == torch.float64 else torch.float32
+    return out, q.new_empty((q.shape[1], lse_tokens), dtype=lse_dtype)
 
 
 @torch.library.custom_op("sphinx_kernels::varlen_attention_bwd", mutates_args=())
@@ -1294,6 +1357,8 @@ def _varlen_attention_bwd_op(
             return _varlen_attention_bwd_triton(
                 dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale
             )
+    if backend == "torch" and q.device.type == "cpu":
+        return _cpu_flash_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale)
     if backend == "torch":
         dq, dk, dv = _varlen_attention_ref_backward(dout, q, k, v, out, cu_seqlens, causal, softmax_scale)
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
@@ -1429,9 +1494,10 @@ def varlen_attention(
     chosen = _select_attention(q.device.type, candidates, backend)
     if chosen == "flash_attn":
         return _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
-    if chosen == "torch" and not torch.compiler.is_compiling():
-        # Eager: plain autograd through per-sequence SDPA (no recompute in backward). Under torch.compile
-        # the reference's per-sequence loop needs cu_seqlens on the host, so it runs inside the opaque op.
+    if chosen == "torch" and q.device.type != "cpu" and not torch.compiler.is_compiling():
+        # Eager off the CPU: plain autograd through per-sequence SDPA (no recompute in backward). Under
+        # torch.compile the reference's per-sequence loop needs cu_seqlens on the host, so it runs inside the
+        # opaque op; on the CPU the op always runs (PyTorch's CPU flash kernels, forward and backward).
         return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale)
     out, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens, max_seqlen, causal, scale, chosen)
     return out

@@ -205,6 +205,39 @@ def test_torch_backend_is_the_reference(seed):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", GQA_HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_torch_backend_on_cpu_against_plain_ops_in_float64(seed, poison, dtype, heads, causal):
+    """The CPU path (PyTorch's CPU flash kernels per sequence, forward and backward, k/v repeated per q head
+    in the backward) against attention written with plain ops in float64, on strided views of one fused
+    projection with empty and length-1 sequences; low precision within twice the plain ops' own error."""
+    lengths = [*random_lengths(seed, n=5), 0]
+    cu = cu_from(lengths, device="cpu")
+    hq, hkv = heads
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(sum(lengths), hq + 2 * hkv, 40, generator=gen).to(dtype).requires_grad_()
+    do = torch.randn(sum(lengths), hq, 40, generator=gen).to(dtype)
+    split = lambda t: (t[:, :hq], t[:, hq : hq + hkv], t[:, hq + hkv :])  # noqa: E731
+    out = varlen_attention(*split(qkv), cu, max(lengths), causal=causal, backend="torch")
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    q64 = qkv.detach().double().requires_grad_()
+    ref = attention_in_dtype(*split(q64), cu, causal)
+    (ref_grad,) = torch.autograd.grad(ref, q64, do.double())
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
+    elif dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+    else:
+        lowp = qkv.detach().clone().requires_grad_()
+        ref_lowp = attention_in_dtype(*split(lowp), cu, causal)
+        (ref_lowp_grad,) = torch.autograd.grad(ref_lowp, lowp, do)
+        assert_within_reference_error(out, ref, ref_lowp, name="out")
+        assert_within_reference_error(grad, ref_grad, ref_lowp_grad, name="grad")
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_reference_backward_formula_matches_autograd(seed, causal):
     """The torch backend's op backward (used under torch.compile) against autograd, in float64."""
     lengths = [*random_lengths(seed), 0]
