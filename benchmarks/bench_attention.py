@@ -13,8 +13,9 @@ every sequence right-padded to the longest and one batched ``scaled_dot_product_
 ``is_causal=True`` (``padded_sdpa``: with right padding the causal mask already hides the padding keys from
 every real query, so this is the cheapest correct padded baseline) or with the explicit causal + key-padding
 mask a padded pipeline passes (``padded_sdpa(mask)``, Hugging Face's 4-D mask); and against per-sequence SDPA
-(a Python loop, K/V heads via ``enable_gqa``). Our CPU path is the ``torch`` backend (the automatic choice
-on CPU).
+(a Python loop, K/V heads via ``enable_gqa``, plain autograd). Our CPU path is the ``torch`` backend (the
+automatic choice on CPU): the same CPU flash kernels per sequence, but inside one registered op whose backward
+writes packed gradients directly and repeats k/v per q head (so it is not the per-sequence loop's autograd).
 
 GPU (when CUDA is present): TFLOP/s forward and forward+backward, causal, d=128, bf16, 16k tokens, for one
 long sequence and for a skewed mix (one 8k document and many short ones): ``triton`` vs padded SDPA vs

@@ -6,7 +6,8 @@ boundaries. Attention never crosses a boundary, and rotary positions restart at 
 
 Backends (``_backend.select("attention", ...)``): ``flash_attn`` (``flash_attn_varlen_func``, fp16/bf16, when
 importable), ``triton`` (the kernels below), ``torch`` (the reference: per-sequence
-``scaled_dot_product_attention``, never a ``T x T`` mask; the CPU path). Rotary (family ``rope`` in
+``scaled_dot_product_attention``, never a ``T x T`` mask; the CPU path, where it calls PyTorch's CPU flash
+kernels per sequence with a backward that writes packed gradients directly). Rotary (family ``rope`` in
 ``SPHINX_KERNELS_BACKEND``, e.g. ``attention:triton,rope:triton``): ``triton`` and ``torch``. The Triton
 paths sit behind registered ops (``sphinx_kernels::varlen_attention_fwd`` / ``_bwd``,
 ``sphinx_kernels::apply_rotary``), so ``torch.compile(fullgraph=True)`` traces through them; under compile the
