@@ -183,8 +183,9 @@ def _varlen_attention_ref_backward(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's gradients by the softmax-backward formula, one sequence at a time (an ``L x L`` score
-    matrix per sequence and head, float32 or float64). Used by the registered op's torch backend, whose
-    kernel runs where autograd is off (under torch.compile); eager use differentiates the reference itself."""
+    matrix per sequence and head, float32 or float64). Used by the registered op's torch backend off the CPU,
+    whose kernel runs where autograd is off (under torch.compile); eager use there differentiates the reference
+    itself, and the CPU has `_cpu_flash_backward`."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     dq, dk, dv = (torch.zeros(t.shape, dtype=compute, device=t.device) for t in (q, k, v))
