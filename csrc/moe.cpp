@@ -71,8 +71,8 @@ static inline float exp_float(float x) {
   return p * scale;
 }
 
-static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_float(-x)); }
-static inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+static inline float exp_neg(float x) { return exp_float(-x); }
+static inline double exp_neg(double x) { return std::exp(-x); }
 
 template <typename scalar_t>
 using op_t = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
@@ -81,9 +81,10 @@ using op_t = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, doubl
 template <typename scalar_t>
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void swiglu_forward_kernel(
     const scalar_t* __restrict a1, const scalar_t* __restrict a3, scalar_t* __restrict h, int64_t n) {
+  using acc_t = op_t<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
-    const op_t<scalar_t> g = a1[i];
-    h[i] = static_cast<scalar_t>(g * sigmoid(g) * static_cast<op_t<scalar_t>>(a3[i]));
+    const acc_t g = a1[i];
+    h[i] = static_cast<scalar_t>(g / (acc_t(1) + exp_neg(g)) * static_cast<acc_t>(a3[i]));  // PyTorch's silu form
   }
 }
 
@@ -97,8 +98,9 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void swiglu_
   using acc_t = op_t<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t g = a1[i], up = a3[i], grad = dh_da1[i];
-    const acc_t s = sigmoid(g);
-    const acc_t silu = g * s;
+    const acc_t denominator = acc_t(1) + exp_neg(g);
+    const acc_t s = acc_t(1) / denominator;
+    const acc_t silu = g / denominator;  // the forward's rounding exactly (h below equals it bit for bit)
     h[i] = static_cast<scalar_t>(silu * up);
     da3[i] = static_cast<scalar_t>(grad * silu);
     dh_da1[i] = static_cast<scalar_t>(grad * up * s * (acc_t(1) + g * (acc_t(1) - s)));

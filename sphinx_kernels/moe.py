@@ -149,15 +149,25 @@ def load_balancing_loss(
     return active / max(tokens * k, 1) * (counts * mean_prob).sum()
 
 
+def _split_gate_up(w1: torch.Tensor, w3: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w1, w3)`` as given, or, when `w3` is None, the two halves of the fused gate|up weight `w1`
+    ``(E, d, 2f)``: ``w1[..., :f]`` (gate) and ``w1[..., f:]`` (up), as views."""
+    if w3 is not None:
+        return w1, w3
+    f = w1.shape[-1] // 2
+    return w1[..., :f], w1[..., f:]
+
+
 def moe_experts_ref(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
     weights: torch.Tensor,
     w1: torch.Tensor,
-    w3: torch.Tensor,
+    w3: torch.Tensor | None,
     w2: torch.Tensor,
 ) -> torch.Tensor:
     """Plain PyTorch `moe_experts`: a loop over experts (index, SwiGLU MLP, weighted index_add)."""
+    w1, w3 = _split_gate_up(w1, w3)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
     for e in range(w1.shape[0]):
@@ -174,7 +184,7 @@ def moe_mlp_ref(
     x: torch.Tensor,
     router_weight: torch.Tensor,
     w1: torch.Tensor,
-    w3: torch.Tensor,
+    w3: torch.Tensor | None,
     w2: torch.Tensor,
     *,
     top_k: int = 2,
@@ -342,6 +352,9 @@ def _grouped_dw_kernel(
     stride_ak,
     stride_bm,
     stride_bn,
+    stride_oe,
+    stride_ok,
+    stride_on,
     DUAL: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -351,7 +364,8 @@ def _grouped_dw_kernel(
     """dW as a grouped GEMM over a variable reduction: out[e] = a[rows of e].T @ b[rows of e] (E, K, N).
 
     Program (e, k-tile, n-tile) reduces over its expert's rows only; an expert with no rows writes zeros.
-    DUAL: also out2[e] = a[rows].T @ b2[rows] (dW1 and dW3 share their loads of x).
+    DUAL: also out2[e] = a[rows].T @ b2[rows] (dW1 and dW3 share their loads of x). out and out2 share their
+    strides (any: e.g. the two halves of a fused gate|up weight's gradient).
     """
     expert = tl.program_id(0)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -380,7 +394,7 @@ def _grouped_dw_kernel(
             acc2 = tl.dot(
                 a_t, tl.load(b2_ptr + b_off, mask=b_mask, other=0.0), acc2, input_precision=PRECISION
             )
-    o_off = expert.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
+    o_off = expert.to(tl.int64) * stride_oe + ks[:, None] * stride_ok + cols[None, :] * stride_on
     o_mask = k_ok[:, None] & col_ok[None, :]
     tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
     if DUAL:
@@ -519,6 +533,8 @@ def _launch_grouped_dw(a, b, offsets, out, *, b2=None, out2=None):
     if K == 0 or N == 0 or E == 0:
         return
     dual = b2 is not None
+    if dual and out2.stride() != out.stride():
+        raise ValueError(f"out2's strides {out2.stride()} must be out's {out.stride()}")
     args = (
         a,
         b,
@@ -532,6 +548,7 @@ def _launch_grouped_dw(a, b, offsets, out, *, b2=None, out2=None):
         a.stride(1),
         b.stride(0),
         b.stride(1),
+        *out.stride(),
     )
     meta = dict(DUAL=dual, PRECISION=_precision(a.dtype))
     if _backend.triton_interpreting() or a.device.type != "cuda":
@@ -836,17 +853,16 @@ def _cpu_experts_forward(x, w1, w3, w2, offsets, save_pre):
     return y, h[:0], a1, a3
 
 
-def _cpu_experts_backward(grad, x, w1, w3, w2, offsets, a1, a3):
+def _cpu_experts_backward(grad, x, w1, w3, w2, offsets, a1, a3, grad_w1, grad_w3):
     """Per expert: dh = dy@w2.T, then one compiled pass gives (da1 in place of dh, da3, h), then dW2 = h.T@dy,
-    dx = da1@w1.T + da3@w3.T (the second GEMM accumulates in place), dW1 = x.T@da1, dW3 = x.T@da3. The
-    (rows, f) temporaries are three scratch buffers the size of the largest expert group, reused by every
-    expert."""
+    dx = da1@w1.T + da3@w3.T (the second GEMM accumulates in place), dW1 = x.T@da1, dW3 = x.T@da3, written into
+    the given `grad_w1`, `grad_w3` (any strides). The (rows, f) temporaries are three scratch buffers the size
+    of the largest expert group, reused by every expert."""
     bounds = _bounds(offsets)
     largest = max((end - start for start, end in bounds), default=0)
     dh, da3, h = (x.new_empty(largest, w1.shape[-1]) for _ in range(3))
     grad_x = torch.empty_like(x)
-    # Contiguous gradients whatever the weights' strides (a transposed checkpoint view).
-    grad_w1, grad_w3, grad_w2 = (w.new_empty(w.shape) for w in (w1, w3, w2))
+    grad_w2 = w2.new_empty(w2.shape)
     end = 0
     for i, (start, end) in enumerate(bounds):
         if end == start:
@@ -863,7 +879,20 @@ def _cpu_experts_backward(grad, x, w1, w3, w2, offsets, a1, a3):
         torch.mm(x_e.T, d1, out=grad_w1[i])
         torch.mm(x_e.T, d3, out=grad_w3[i])
     grad_x[end:].zero_()
-    return grad_x, grad_w1, grad_w3, grad_w2
+    return grad_x, grad_w2
+
+
+def _weight_grads(
+    w1: torch.Tensor, w3: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad for w1 as given, its gate half, its up half)``: with a fused gate|up `w1` (`w3` None) one buffer
+    in w1's own layout, so autograd hands it to the parameter as is (no zero-filled slice gradients, no
+    transposing copy); otherwise one contiguous buffer per weight (the first returned twice... as w1's)."""
+    if w3 is None:
+        fused = torch.empty_like(w1)  # keeps w1's strides when w1 is dense (e.g. a transposed (E, 2f, d))
+        return (fused, *_split_gate_up(fused, None))
+    g1 = w1.new_empty(w1.shape)
+    return g1, g1, w3.new_empty(w3.shape)
 
 
 def _experts_forward(x, w1, w3, w2, offsets, engine, save_pre):
@@ -888,20 +917,22 @@ def _experts_forward(x, w1, w3, w2, offsets, engine, save_pre):
 def _moe_experts_op(
     x_sorted: torch.Tensor,
     w1: torch.Tensor,
-    w3: torch.Tensor,
+    w3: torch.Tensor | None,
     w2: torch.Tensor,
     offsets: torch.Tensor,
     backend: str,
     save_pre: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w3 None: w1 is the fused gate|up weight ``(E, d, 2f)``."""
+    gate, up = _split_gate_up(w1, w3)
     return _experts_forward(
-        x_sorted, w1, w3, w2, offsets, _engine(backend, x_sorted.device, x_sorted.dtype), save_pre
+        x_sorted, gate, up, w2, offsets, _engine(backend, x_sorted.device, x_sorted.dtype), save_pre
     )
 
 
 @_moe_experts_op.register_fake
 def _(x_sorted, w1, w3, w2, offsets, backend, save_pre):
-    M, f = x_sorted.shape[0], w1.shape[-1]
+    M, f = x_sorted.shape[0], w2.shape[1]
     pre = M if save_pre else 0
     keeps_h = _engine(backend, x_sorted.device, x_sorted.dtype) != "cpu"  # the cpu engine recomputes h
     return (
@@ -917,7 +948,7 @@ def _moe_experts_bwd_op(
     grad: torch.Tensor,
     x_sorted: torch.Tensor,
     w1: torch.Tensor,
-    w3: torch.Tensor,
+    w3: torch.Tensor | None,
     w2: torch.Tensor,
     offsets: torch.Tensor,
     h: torch.Tensor,
@@ -925,9 +956,17 @@ def _moe_experts_bwd_op(
     a3: torch.Tensor,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_w1, grad_w3, grad_w2)``; with a fused gate|up `w1` (w3 None) grad_w1 is the fused
+    gradient and grad_w3 is empty."""
     engine = _engine(backend, x_sorted.device, x_sorted.dtype)
+    grad_w1, grad_gate, grad_up = _weight_grads(w1, w3)
+    grad_w3 = grad_up if w3 is not None else grad_up.new_empty(0)
+    w1, w3 = _split_gate_up(w1, w3)
     if engine == "cpu":
-        return _cpu_experts_backward(grad, x_sorted, w1, w3, w2, offsets, a1, a3)
+        grad_x, grad_w2 = _cpu_experts_backward(
+            grad, x_sorted, w1, w3, w2, offsets, a1, a3, grad_gate, grad_up
+        )
+        return grad_x, grad_w1, grad_w3, grad_w2
     E = w1.shape[0]
     grad_w2 = _gemm_dw(engine, h, grad, offsets, E)
     if engine == "triton":
@@ -936,9 +975,7 @@ def _moe_experts_bwd_op(
         _launch_grouped_mm(_SWIGLU_BWD, grad, w2.transpose(1, 2), offsets, da1, out2=da3, aux1=a1, aux2=a3)
         grad_x = torch.empty_like(x_sorted)
         _launch_grouped_mm(_DUAL, da1, w1.transpose(1, 2), offsets, grad_x, a2=da3, b2=w3.transpose(1, 2))
-        # Contiguous (E, d, f) whatever w1's strides (a transposed checkpoint view): the kernel writes rows.
-        grad_w1, grad_w3 = w1.new_empty(w1.shape), w3.new_empty(w3.shape)
-        _launch_grouped_dw(x_sorted, da1, offsets, grad_w1, b2=da3, out2=grad_w3)
+        _launch_grouped_dw(x_sorted, da1, offsets, grad_gate, b2=da3, out2=grad_up)
         return grad_x, grad_w1, grad_w3, grad_w2
     dh = _gemm(engine, grad, w2.transpose(1, 2), offsets)
     # Elementwise SwiGLU backward: silu_backward is one fused pass. Each (M, f) temporary is dropped as soon
@@ -947,16 +984,18 @@ def _moe_experts_bwd_op(
     da1 = torch.ops.aten.silu_backward(dh.mul_(a3), a1)
     del dh
     grad_x = _gemm(engine, da1, w1.transpose(1, 2), offsets)
-    grad_w1 = _gemm_dw(engine, x_sorted, da1, offsets, E)
+    grad_gate.copy_(_gemm_dw(engine, x_sorted, da1, offsets, E))
     del da1
     grad_x.add_(_gemm(engine, da3, w3.transpose(1, 2), offsets))
-    grad_w3 = _gemm_dw(engine, x_sorted, da3, offsets, E)
+    grad_up.copy_(_gemm_dw(engine, x_sorted, da3, offsets, E))
     return grad_x, grad_w1, grad_w3, grad_w2
 
 
 @_moe_experts_bwd_op.register_fake
 def _(grad, x_sorted, w1, w3, w2, offsets, h, a1, a3, backend):
-    return tuple(t.new_empty(t.shape) for t in (x_sorted, w1, w3, w2))
+    grad_w1 = _weight_grads(w1, w3)[0]
+    grad_w3 = w3.new_empty(w3.shape) if w3 is not None else w1.new_empty(0)
+    return torch.empty_like(x_sorted), grad_w1, grad_w3, w2.new_empty(w2.shape)
 
 
 def _moe_experts_setup(ctx, inputs, output):
@@ -977,8 +1016,10 @@ def _moe_experts_backward(ctx, grad, _grad_h, _grad_a1, _grad_a3):
         raise RuntimeError(
             "sphinx_kernels::moe_experts ran with save_pre=False: its backward needs x@w1, x@w3"
         )
-    grads = _moe_experts_bwd_op(grad.contiguous(), x_sorted, w1, w3, w2, offsets, h, a1, a3, ctx.backend)
-    return (*grads, None, None, None)
+    grad_x, grad_w1, grad_w3, grad_w2 = _moe_experts_bwd_op(
+        grad.contiguous(), x_sorted, w1, w3, w2, offsets, h, a1, a3, ctx.backend
+    )
+    return grad_x, grad_w1, None if w3 is None else grad_w3, grad_w2, None, None, None
 
 
 _moe_experts_op.register_autograd(_moe_experts_backward, setup_context=_moe_experts_setup)
@@ -1040,14 +1081,23 @@ def _check_like_x(name: str, t: object, dim: int, x: torch.Tensor) -> None:
 
 
 def _check_expert_weights(x: torch.Tensor, w1: object, w3: object, w2: object, num_experts: int) -> None:
-    """w1, w3 ``(E, d, f)`` and w2 ``(E, f, d)`` of x's dtype and device."""
+    """w1, w3 ``(E, d, f)`` (or w3 None and w1 the fused gate|up ``(E, d, 2f)``) and w2 ``(E, f, d)``, all of
+    x's dtype and device."""
     for name, t in (("w1", w1), ("w3", w3), ("w2", w2)):
-        _check_like_x(name, t, 3, x)
+        if not (name == "w3" and t is None):
+            _check_like_x(name, t, 3, x)
     E, d = num_experts, x.shape[1]
-    if w1.shape[0] != E or w1.shape[1] != d:
+    if w3 is None:
+        if w1.shape[0] != E or w1.shape[1] != d or w1.shape[2] % 2:
+            raise ValueError(
+                f"w1 with w3=None is the fused gate|up weight: shape (E={E}, d={d}, 2f), got {tuple(w1.shape)}"
+            )
+        f = w1.shape[2] // 2
+    elif w1.shape[0] != E or w1.shape[1] != d:
         raise ValueError(f"w1 must have shape (E={E}, d={d}, f), got {tuple(w1.shape)}")
-    f = w1.shape[2]
-    if tuple(w3.shape) != (E, d, f):
+    else:
+        f = w1.shape[2]
+    if w3 is not None and tuple(w3.shape) != (E, d, f):
         raise ValueError(f"w3 must have w1's shape {(E, d, f)}, got {tuple(w3.shape)}")
     if tuple(w2.shape) != (E, f, d):
         raise ValueError(f"w2 must have shape (E={E}, f={f}, d={d}), got {tuple(w2.shape)}")
@@ -1209,7 +1259,7 @@ def moe_mlp(
     x: torch.Tensor,
     router_weight: torch.Tensor,
     w1: torch.Tensor,
-    w3: torch.Tensor,
+    w3: torch.Tensor | None,
     w2: torch.Tensor,
     *,
     top_k: int = 2,
@@ -1221,7 +1271,8 @@ def moe_mlp(
     Args:
         x: ``(T, d)`` float32/float16/bfloat16 (float64 on the torch/cpu/grouped_mm backends).
         router_weight: ``(E, d)`` (bias-free gate, logits ``x @ router_weight.T``, fp32 softmax).
-        w1, w3: ``(E, d, f)``; w2: ``(E, f, d)``; all of x's dtype and device.
+        w1, w3: ``(E, d, f)``, or w3 None and w1 the fused gate|up weight ``(E, d, 2f)`` (gate ``w1[..., :f]``,
+            up ``w1[..., f:]``; its gradient comes as one tensor); w2: ``(E, f, d)``; all of x's dtype and device.
         top_k: experts per token, 1..(unpruned experts). expert_mask: optional bool ``(E,)``, False = pruned.
         backend: ``"cuda" | "megablocks" | "triton" | "grouped_mm" | "cpu" | "torch"``; default: automatic.
 
@@ -1255,7 +1306,7 @@ def moe_experts(
     expert_ids: torch.Tensor,
     weights: torch.Tensor,
     w1: torch.Tensor,
-    w3: torch.Tensor,
+    w3: torch.Tensor | None,
     w2: torch.Tensor,
     *,
     backend: str | None = None,
@@ -1265,8 +1316,10 @@ def moe_experts(
 
     Args:
         x: ``(T, d)`` float. expert_ids: int64/int32 ``(T, k)`` in ``[0, E)``. weights: float ``(T, k)``.
-        w1, w3: ``(E, d, f)``; w2: ``(E, f, d)``; x's dtype and device; any strides (e.g. transposed views
-            of ``(E, f, d)`` checkpoints) on the triton backend.
+        w1, w3: ``(E, d, f)``, or w3 None and w1 the fused gate|up weight ``(E, d, 2f)`` (gate ``w1[..., :f]``,
+            up ``w1[..., f:]``: Mixtral's ``gate_up_proj``, e.g. ``gate_up_proj.transpose(1, 2)``; its gradient
+            comes as one tensor in w1's layout, no slice gradients); w2: ``(E, f, d)``; x's dtype and device;
+            any strides (e.g. transposed views of ``(E, f, d)`` checkpoints).
 
     Returns:
         ``(T, d)`` of x's dtype. Differentiable in x, weights, w1, w3, w2.

@@ -194,13 +194,13 @@ def sphinx_experts_forward(
         return _fallback_experts()(self, hidden_states, top_k_index, top_k_weights)
     gate_up, down = self.gate_up_proj, self.down_proj
     if getattr(self, "is_transposed", False):  # (E, d, 2f) and (E, f, d): our layout already
-        f = gate_up.shape[-1] // 2
-        w1, w3, w2 = gate_up[..., :f], gate_up[..., f:], down
+        w13, w2 = gate_up, down
     else:  # (E, 2f, d) and (E, d, f): nn.Linear layout, used through transposed views (no copy)
-        f = gate_up.shape[1] // 2
-        w1, w3, w2 = gate_up[:, :f].transpose(1, 2), gate_up[:, f:].transpose(1, 2), down.transpose(1, 2)
+        w13, w2 = gate_up.transpose(1, 2), down.transpose(1, 2)
     x = hidden_states.to(gate_up.dtype)
-    out = moe_experts(x, top_k_index, top_k_weights.to(x.dtype), w1, w3, w2)
+    # The fused gate|up weight goes in whole (w3=None): its gradient comes back as one tensor in the
+    # parameter's layout, not as two slice gradients zero-filled to full size and summed.
+    out = moe_experts(x, top_k_index, top_k_weights.to(x.dtype), w13, None, w2)
     return out.to(hidden_states.dtype)
 
 
