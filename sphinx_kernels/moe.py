@@ -581,6 +581,8 @@ def _torch_gmm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     b_p = _pad_to(_pad_to(b, 1, align), 2, align)
     if b_p.stride(-1) != 1 and b_p.stride(-2) != 1:
         b_p = b_p.contiguous()  # _grouped_mm takes row- or column-major weights (w.transpose(1, 2) as is)
+    if b_p.data_ptr() % _ALIGN_BYTES:  # the up half of a fused gate|up weight starts f*d elements in
+        b_p = b_p.clone()
     out = torch._grouped_mm(a_p, b_p, offsets)
     return out if out.shape[1] == N else out[:, :N].contiguous()
 
