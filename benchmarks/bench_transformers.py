@@ -1,6 +1,6 @@
 """A few fine-tuning steps of a tiny Mixtral through transformers: tokens/s per implementation.
 
-    python benchmarks/bench_transformers.py [--steps 4] [--batch 4] [--seq 256] [--packed]
+    python benchmarks/bench_transformers.py [--steps 8] [--batch 4] [--seq 256] [--packed]
 
 Implementations, measured in one run on the same model and data: attn/experts = "sphinx"/"sphinx" (ours),
 "eager"/"eager" (transformers' reference loops) and "sdpa"/"grouped_mm" (transformers' fastest built-ins).
@@ -11,6 +11,7 @@ DataCollatorWithFlattening (one row, no padding) for every implementation that s
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def make_batch(batch: int, seq: int, packed: bool, device: str):
     return {k: v.to(device) for k, v in out.items()}, sum(lengths)
 
 
-def train_steps(model, batch, steps: int, device: str) -> float:
+def make_step(model, batch):
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
@@ -69,22 +70,32 @@ def train_steps(model, batch, steps: int, device: str) -> float:
         model(**batch).loss.backward()
         optim.step()
 
-    step()  # warm-up (kernel compilation, allocator)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return step
+
+
+def interleaved_seconds(steps: dict, rounds: int, device: str) -> dict[str, float]:
+    """Median seconds per step of each implementation, the implementations taking turns one step each (on a
+    shared CPU a burst of load from another process then hits every implementation alike)."""
+    for step in steps.values():
+        step()  # warm-up (kernel compilation, allocator)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per implementation (median)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
@@ -101,23 +112,16 @@ def main() -> None:
         f"Mixtral {args.layers}L d{args.hidden} E8 top2, batch {args.batch} x <= {args.seq} "
         f"({'packed' if args.packed else 'padded'}), {tokens} real tokens, {dtype}"
     )
-    rows = []
+    steps = {}
     for attn, experts in IMPLEMENTATIONS:
         model = build_model(device, dtype, args.layers, args.hidden)
         model.set_attn_implementation(attn)
         model.set_experts_implementation(experts)
-        seconds = train_steps(model, batch, args.steps, device)
-        rows.append(
-            Row(
-                "transformers",
-                f"fine-tune step {device}",
-                f"{attn}+{experts}",
-                shape,
-                seconds,
-                tokens / seconds,
-                "tokens/s",
-            )
-        )
+        steps[f"{attn}+{experts}"] = make_step(model, batch)
+    rows = [
+        Row("transformers", f"fine-tune step {device}", name, shape, seconds, tokens / seconds, "tokens/s")
+        for name, seconds in interleaved_seconds(steps, args.steps, device).items()
+    ]
     print_table(rows, baseline="eager+eager")
     print_table(rows, baseline="sdpa+grouped_mm")
     print(f"\nrows appended to {write_rows(rows, 'transformers')}")
