@@ -889,7 +889,7 @@ def _weight_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad for w1 as given, its gate half, its up half)``: with a fused gate|up `w1` (`w3` None) one buffer
     in w1's own layout, so autograd hands it to the parameter as is (no zero-filled slice gradients, no
-    transposing copy); otherwise one contiguous buffer per weight (the first returned twice... as w1's)."""
+    transposing copy); otherwise a contiguous buffer per weight (w1's gradient is then its own gate half)."""
     if w3 is None:
         fused = torch.empty_like(w1)  # keeps w1's strides when w1 is dense (e.g. a transposed (E, 2f, d))
         return (fused, *_split_gate_up(fused, None))
