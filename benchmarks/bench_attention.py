@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Row, median_seconds, print_table, write_rows  # noqa: E402
+from harness import Row, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
 
 from sphinx_kernels import varlen_attention  # noqa: E402
 
@@ -173,15 +172,7 @@ def measure(case, lengths, heads, kv_heads, head_dim, dtype, device, repeats, ba
     )
     fns = step_fns(lengths, q, k, v, do, device, backward)
     if device == "cpu":
-        # Round-robin single runs, then the median per variant: on a shared CPU a burst of load from
-        # another process then hits every variant alike instead of all repeats of one (seen: 20x outliers).
-        samples: dict[str, list[float]] = {name: [] for name in fns}
-        for fn in fns.values():
-            fn()  # warm-up
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                samples[name].append(median_seconds(fn, device, repeats=1, warmup=0))
-        medians = {name: statistics.median(t) for name, t in samples.items()}
+        medians = round_robin_medians(fns, repeats)
     else:
         medians = {name: median_seconds(fn, device, repeats=repeats, warmup=1) for name, fn in fns.items()}
     rows = []

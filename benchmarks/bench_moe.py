@@ -14,7 +14,6 @@ and skewed routing), bf16, TFLOP/s of the expert MLP per backend next to a dense
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Row, median_seconds, print_table, write_rows  # noqa: E402
+from harness import Row, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
 
 import sphinx_kernels  # noqa: E402
 from sphinx_kernels import _backend, moe  # noqa: E402
@@ -113,18 +112,13 @@ def loop_peer_step(tensors, top_k, backward):
     return sorted_peer_step(tensors, top_k, backward, mlp)
 
 
-def interleaved(fns: dict, device: str, rounds: int) -> dict[str, float]:
-    """Median seconds per candidate. On the CPU the candidates take turns, one run each per round, so load from
-    other processes (this machine is shared) hits every candidate alike; on the GPU do_bench per candidate."""
-    if device == "cuda":
-        return {name: median_seconds(fn, device) for name, fn in fns.items()}
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(median_seconds(fn, device, repeats=1, warmup=0))
-    return {name: statistics.median(t) for name, t in times.items()}
+def candidates(tensors, top_k, backends, backward) -> dict:
+    """name -> step: each backend's `moe_mlp`, and the sorted-token peers (the loop; `_grouped_mm` where present)."""
+    fns = {b: moe_step(tensors, top_k, b, backward) for b in backends}
+    fns["loop sorted (peer)"] = loop_peer_step(tensors, top_k, backward)
+    if hasattr(torch, "_grouped_mm"):
+        fns["_grouped_mm sorted (peer)"] = grouped_mm_peer_step(tensors, top_k, backward)
+    return fns
 
 
 def dense_rate(tokens, top_k, d, f, dtype, device) -> float:
@@ -147,11 +141,7 @@ def cpu_rows(quick: bool) -> list[Row]:
     for backward in (False, True):
         case = f"moe_mlp {'fwd+bwd' if backward else 'fwd'} (cpu)"
         flops = expert_flops(tokens, k, d, f, backward)
-        fns = {b: moe_step(tensors, k, b, backward) for b in backends}
-        fns["loop sorted (peer)"] = loop_peer_step(tensors, k, backward)
-        if hasattr(torch, "_grouped_mm"):
-            fns["_grouped_mm sorted (peer)"] = grouped_mm_peer_step(tensors, k, backward)
-        timings = interleaved(fns, "cpu", rounds=3 if quick else 5)
+        timings = round_robin_medians(candidates(tensors, k, backends, backward), rounds=3 if quick else 5)
         peer = timings.get("_grouped_mm sorted (peer)")
         for b, s in timings.items():
             note = f"{timings['torch'] / s:.2f}x torch, {timings['loop sorted (peer)'] / s:.2f}x loop-sorted"
@@ -185,12 +175,8 @@ def gpu_rows(quick: bool, budget_s: float) -> list[Row]:
                     return rows
                 case = f"moe_mlp {'fwd+bwd' if backward else 'fwd'} T={tokens} {routing}"
                 flops = expert_flops(tokens, k, d, f, backward)
-                fns = {b: moe_step(tensors, k, b, backward) for b in backends}
-                fns["loop sorted (peer)"] = loop_peer_step(tensors, k, backward)
-                if hasattr(torch, "_grouped_mm"):
-                    fns["_grouped_mm sorted (peer)"] = grouped_mm_peer_step(tensors, k, backward)
                 case_rows = []
-                for name, fn in fns.items():
+                for name, fn in candidates(tensors, k, backends, backward).items():
                     try:
                         s = median_seconds(fn, "cuda")
                     except Exception as exc:  # a peer failing on a shape must not hide the other rows

@@ -11,16 +11,14 @@ DataCollatorWithFlattening (one row, no padding) for every implementation that s
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Row, print_table, write_rows  # noqa: E402
+from harness import Row, print_table, round_robin_medians, write_rows  # noqa: E402
 
 IMPLEMENTATIONS = [("eager", "eager"), ("sdpa", "grouped_mm"), ("sphinx", "sphinx")]
 
@@ -73,24 +71,6 @@ def make_step(model, batch):
     return step
 
 
-def interleaved_seconds(steps: dict, rounds: int, device: str) -> dict[str, float]:
-    """Median seconds per step of each implementation, the implementations taking turns one step each (on a
-    shared CPU a burst of load from another process then hits every implementation alike)."""
-    for step in steps.values():
-        step()  # warm-up (kernel compilation, allocator)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -120,7 +100,7 @@ def main() -> None:
         steps[f"{attn}+{experts}"] = make_step(model, batch)
     rows = [
         Row("transformers", f"fine-tune step {device}", name, shape, seconds, tokens / seconds, "tokens/s")
-        for name, seconds in interleaved_seconds(steps, args.steps, device).items()
+        for name, seconds in round_robin_medians(steps, args.steps, device).items()
     ]
     print_table(rows, baseline="eager+eager")
     print_table(rows, baseline="sdpa+grouped_mm")

@@ -57,6 +57,26 @@ def median_seconds(
     return statistics.median(times)
 
 
+def round_robin_medians(
+    fns: dict[str, Callable[[], object]], rounds: int, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Median seconds per candidate, the candidates taking turns, one run each per round, after one warm-up run
+    each: on a shared CPU a burst of load from another process then hits every candidate alike instead of all
+    repeats of one (seen: 20x outliers). On CUDA every run is synchronised."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 @dataclass
 class Row:
     """One measured configuration. `rate` is in `unit` (GB/s, TFLOP/s, tiles/s, tokens/s); `ceiling` is the

@@ -51,6 +51,9 @@ __all__ = [
 BACKENDS = ("cuda", "megablocks", "triton", "cpu", "grouped_mm", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The cpu engine's compiled kernels (SwiGLU passes, unpermute backward; csrc/moe.cpp): an extension built
+# before they existed has the permutation only, and its cpu backend then runs the loop engine.
+_CPU_ENGINE_KERNELS = _backend.extension_has_kernel("swiglu_out", "CPU")
 # torch._grouped_mm needs every non-unit stride to be a multiple of 16 bytes; odd K/N are zero-padded.
 _ALIGN_BYTES = 16
 
@@ -664,7 +667,7 @@ def _engine(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend == "cuda":
         return "triton" if HAS_TRITON and dtype in TRITON_DTYPES else "grouped_mm"
     if backend == "cpu":
-        return "cpu" if _backend.extension_has_kernel("swiglu_out", "CPU") else "loop"
+        return "cpu" if _CPU_ENGINE_KERNELS else "loop"
     if backend == "torch":
         return "loop"
     return backend  # triton, grouped_mm, megablocks
@@ -766,7 +769,7 @@ def _unpermute_setup(ctx, inputs, output):
 
 def _unpermute_backward(ctx, grad):
     y_sorted, row_map, weights = ctx.saved_tensors
-    if ctx.backend == "cpu" and _backend.extension_has_kernel("moe_unpermute_backward", "CPU"):
+    if ctx.backend == "cpu" and _CPU_ENGINE_KERNELS:
         grad_y, grad_w = torch.ops.sphinx_kernels.moe_unpermute_backward(
             grad.contiguous(), y_sorted, row_map, weights
         )
@@ -1045,7 +1048,7 @@ if _backend.extension_has_kernel("moe_permute", "CPU") or _backend.extension_has
         return y_sorted.new_empty(row_map.shape[0], y_sorted.shape[1])
 
 
-if _backend.extension_has_kernel("swiglu_out", "CPU"):
+if _CPU_ENGINE_KERNELS:
 
     @torch.library.register_fake("sphinx_kernels::swiglu_out")
     def _(a1, a3, h):
