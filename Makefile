@@ -39,6 +39,7 @@ test: build lint
 
 demo: build
 	$(VENV)/bin/sphinx-x tiles
+	$(VENV)/bin/sphinx-x kernels
 
 bench: build
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

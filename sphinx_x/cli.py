@@ -3,6 +3,13 @@
 sphinx-x tiles [IMAGES...] [--canvas 448 --grid 2] [--save sheet.png]
     Plan and gather skip-token tiles for the images (default: the bundled ones), print the plan (views
     kept / skipped, LLM positions saved) and each available backend's throughput.
+
+sphinx-x kernels [IMAGES...] [--samples 24 --budget 4096]
+    The packed-sequence and MoE kernels on a token stream shaped by the images: one multimodal sample per
+    image in turn (BOS, its visual tokens with skipped tiles, a random-length text), packed into bins of at
+    most `budget` tokens; then RoPE, varlen attention and a top-2-of-8 SwiGLU MoE layer on the first bin,
+    forward + backward on every backend that runs here, each against a float64 reference, and padded SDPA
+    on the same bin beside them.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ import numpy as np
 import torch
 
 import sphinx_kernels as sk
-from sphinx_x.data import bundled_images, load_image
+from sphinx_x.data import bundled_images, image_size, load_image
 
 TOKENS_PER_VIEW = 257  # DINOv2 cls + 16x16 patches at 224 (and CLIP-ConvNeXt's matching 257)
+# Each family's backends in the library's order of preference; the demo forces each in turn.
+ATTENTION_BACKENDS = ("flash_attn", "triton", "torch")
+MOE_BACKENDS = ("cuda", "megablocks", "triton", "cpu", "grouped_mm", "torch")
 
 
 def _grid_picture(kept: torch.Tensor) -> str:
@@ -111,22 +121,226 @@ def tiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_lengths(paths: list[Path], args: argparse.Namespace) -> tuple[list[int], int]:
+    """One sample per image, in turn: BOS + the image's LLM positions + a text of random length.
+    Returns the lengths and how many of their tokens are visual."""
+    plan = sk.plan_tiles([image_size(p) for p in paths], args.canvas, args.grid)
+    visual = plan.visual_tokens(args.tokens_per_view)
+    gen = torch.Generator().manual_seed(args.seed)
+    texts = torch.randint(args.min_text, args.max_text + 1, (args.samples,), generator=gen).tolist()
+    images = [visual[i % len(paths)] for i in range(args.samples)]
+    return [1 + v + t for v, t in zip(images, texts, strict=True)], sum(images)
+
+
+def _leaves(gen: torch.Generator, shapes, dtype, device, scale: float = 1.0) -> list[torch.Tensor]:
+    return [
+        (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype).requires_grad_()
+        for shape in shapes
+    ]
+
+
+def _forward_backward(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """``fn(*inputs)`` forward and backward; returns the output and the inputs' gradients."""
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in inputs]
+
+
+def _float64_reference(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    inputs = [t.detach().double().requires_grad_() for t in inputs]
+    return _forward_backward(fn, inputs, grad_out.double())
+
+
+def _max_abs_diff(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    return max((g.double() - w).abs().max().item() for g, w in zip(got, want, strict=True))
+
+
+def _time_backends(names, step, reference: list[torch.Tensor], repeats: int) -> dict[str, float]:
+    """Median seconds of ``step(name)`` per backend that runs here; prints each one's error against
+    `reference` (the output and every gradient)."""
+    seconds = {}
+    for name in names:
+        try:
+            got = step(name)
+        except (RuntimeError, TypeError) as exc:  # cannot run here, or not in this dtype: say why, go on
+            print(f"  {name:<11} unavailable: {exc}")
+            continue
+        seconds[name] = _median_seconds(lambda name=name: step(name), repeats)
+        error = _max_abs_diff(got, reference)
+        print(f"  {name:<11} {seconds[name] * 1e3:8.1f} ms   max |diff| vs float64: {error:.1e}")
+    return seconds
+
+
+def _attention_demo(lengths: list[int], args: argparse.Namespace, dtype, device, gen) -> None:
+    packed = sk.pack_sequences([torch.empty(n) for n in lengths])
+    cu_seqlens, max_seqlen, total = packed.cu_seqlens.to(device), packed.max_seqlen, sum(lengths)
+    heads, kv_heads, dim = args.heads, args.kv_heads, args.head_dim
+
+    x = torch.randn(total, heads, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    positions = sk.position_ids_from_cu_seqlens(cu_seqlens)
+    got = _forward_backward(lambda x: sk.apply_rotary(x, positions), [x], torch.ones_like(x))
+    want = _float64_reference(lambda x: sk.apply_rotary_ref(x, positions), [x], torch.ones_like(x))
+    print(
+        f"\nRoPE on packed positions (restarting at each sample), forward + backward: "
+        f"max |diff| vs float64 {_max_abs_diff(got, want):.1e}"
+    )
+
+    print(
+        f"\nvarlen attention: T {total}, Hq {heads}, Hkv {kv_heads}, D {dim}, causal, {args.dtype}, "
+        f"forward + backward, median of {args.repeats}"
+    )
+    q, k, v = _leaves(
+        gen, [(total, heads, dim), (total, kv_heads, dim), (total, kv_heads, dim)], dtype, device
+    )
+    grad_out = torch.randn(total, heads, dim, generator=gen).to(device=device, dtype=dtype)
+    reference = _float64_reference(
+        lambda q, k, v: sk.varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen), [q, k, v], grad_out
+    )
+    seconds = _time_backends(
+        ATTENTION_BACKENDS,
+        lambda name: _forward_backward(
+            lambda q, k, v: sk.varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend=name),
+            [q, k, v],
+            grad_out,
+        ),
+        reference,
+        args.repeats,
+    )
+
+    # The padded peer: every sample right-padded to the longest, one batched SDPA (is_causal hides the
+    # padding keys from every real query), inputs laid out outside the timed region.
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.utils.rnn.pad_sequence(t.detach().split(lengths), batch_first=True).transpose(1, 2)
+
+    qp, kp, vp = (padded(t).requires_grad_() for t in (q, k, v))
+    grad_padded = padded(grad_out)
+    sdpa = _median_seconds(
+        lambda: _forward_backward(
+            lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=heads != kv_heads
+            ),
+            [qp, kp, vp],
+            grad_padded,
+        ),
+        args.repeats,
+    )
+    positions_padded = len(lengths) * max_seqlen
+    print(
+        f"  {'padded SDPA':<11} {sdpa * 1e3:8.1f} ms   ({positions_padded} positions, "
+        f"{1 - total / positions_padded:.0%} padding)"
+    )
+    for name, s in seconds.items():
+        print(f"  {name} is {sdpa / s:.2f}x padded SDPA")
+
+
+def _moe_demo(total: int, args: argparse.Namespace, dtype, device, gen) -> None:
+    d, f, experts, top_k = args.model_dim, args.ffn_dim, args.experts, args.top_k
+    print(
+        f"\nMoE SwiGLU layer: T {total}, d {d}, f {f}, top-{top_k} of {experts} experts, {args.dtype}, "
+        f"forward + backward, median of {args.repeats}"
+    )
+    x, router, w1, w3 = _leaves(
+        gen, [(total, d), (experts, d), (experts, d, f), (experts, d, f)], dtype, device, d**-0.5
+    )
+    (w2,) = _leaves(gen, [(experts, f, d)], dtype, device, f**-0.5)
+    inputs = [x, router, w1, w3, w2]
+    grad_out = torch.randn(total, d, generator=gen).to(device=device, dtype=dtype)
+    reference = _float64_reference(lambda *t: sk.moe_mlp_ref(*t, top_k=top_k)[0], inputs, grad_out)
+    _time_backends(
+        MOE_BACKENDS,
+        lambda name: _forward_backward(
+            lambda *t: sk.moe_mlp(*t, top_k=top_k, backend=name)[0], inputs, grad_out
+        ),
+        reference,
+        args.repeats,
+    )
+    with torch.no_grad():
+        _, aux = sk.moe_mlp(*inputs, top_k=top_k)
+        print(
+            f"  tokens per expert {aux.tokens_per_expert.tolist()}, "
+            f"load-balancing loss {aux.load_balancing_loss.item():.3f} (1 = balanced)"
+        )
+        # The paper evaluates 1..E active experts at inference: the same weights, another top_k.
+        sweep = [k for k in (1, 2, 4, experts) if k <= experts]
+        times = [_median_seconds(lambda k=k: sk.moe_mlp(*inputs, top_k=k), args.repeats) for k in sweep]
+        print(
+            "  inference, forward only: "
+            + ", ".join(f"top-{k} {t * 1e3:.1f} ms" for k, t in zip(sweep, times, strict=True))
+        )
+
+
+def kernels(args: argparse.Namespace) -> int:
+    if args.samples < 1 or not 0 <= args.min_text <= args.max_text:
+        raise SystemExit("sphinx-x kernels: needs --samples >= 1 and 0 <= --min-text <= --max-text")
+    paths = [Path(p) for p in args.images] or bundled_images()
+    lengths, visual = _sample_lengths(paths, args)
+    total = sum(lengths)
+    bins = sk.pack_bins(lengths, args.budget)
+    print(
+        f"{args.samples} samples from {len(paths)} images: {total} tokens ({visual / total:.0%} visual), "
+        f"lengths {min(lengths)}..{max(lengths)}"
+    )
+    fill = total / (len(bins) * args.budget)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in bins)
+    print(
+        f"packed into {len(bins)} bin(s) of at most {args.budget} tokens, {fill:.1%} full "
+        f"(padding each bin's samples to its longest instead: {padded / total - 1:.0%} more positions)"
+    )
+    first = [lengths[i] for i in bins[0]]
+    print(f"first bin: {len(first)} samples, lengths {first}")
+
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    _attention_demo(first, args, dtype, device, gen)
+    _moe_demo(sum(first), args, dtype, device, gen)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sphinx-x", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p = sub.add_parser("tiles", help="plan and gather skip-token tiles, print the plan and throughput")
     p.add_argument("images", nargs="*", help="image files (default: the bundled ones)")
     p.add_argument("--canvas", type=int, default=448)
     p.add_argument("--grid", type=int, default=2)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--save", metavar="PNG", help="write a contact sheet of the views")
     p.set_defaults(func=tiles)
+
+    p = sub.add_parser("kernels", help="varlen attention and MoE on packed multimodal samples, every backend")
+    p.add_argument("images", nargs="*", help="image files that shape the samples (default: the bundled ones)")
+    p.add_argument("--samples", type=int, default=24, help="samples, one per image in turn")
+    p.add_argument("--min-text", type=int, default=32, help="fewest text tokens per sample")
+    p.add_argument("--max-text", type=int, default=1024, help="most text tokens per sample")
+    p.add_argument("--budget", type=int, default=4096, help="tokens per packed bin")
+    p.add_argument("--tokens-per-view", type=int, default=TOKENS_PER_VIEW, help="encoder tokens per view")
+    p.add_argument("--canvas", type=int, default=448)
+    p.add_argument("--grid", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--model-dim", type=int, default=256)
+    p.add_argument("--ffn-dim", type=int, default=704)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=kernels)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -18,6 +18,13 @@ def load_image(path: str | Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img.convert("RGB")).copy())
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header alone (no pixel is decoded), for planning and packing."""
+    with Image.open(path) as img:
+        width, height = img.size
+    return height, width
+
+
 def bundled_images() -> list[Path]:
     """The small images shipped with the package (different aspect ratios), sorted by name."""
     return sorted(p for p in (ASSETS / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -1,0 +1,77 @@
+"""The `sphinx-x` demos (what `make demo` runs) and the data helpers they use."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sphinx_x.cli import main
+from sphinx_x.data import bundled_images, image_size, load_image
+
+ROW = re.compile(r"^  (\w+)\s+([\d.]+) ms\s+max \|diff\| vs float64: (\S+)$")
+
+
+def backend_rows(section: str) -> dict[str, float]:
+    """``{backend: max |diff| vs float64}`` for the timed rows of one section of the demo's report."""
+    return {m[1]: float(m[3]) for m in map(ROW.match, section.splitlines()) if m}
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_image_size_reads_the_header_as_decoding_would(tmp_path, mode):
+    rng = np.random.default_rng()
+    h, w = (int(n) for n in rng.integers(1, 97, size=2))
+    path = tmp_path / f"odd_{mode}.png"
+    pixels = rng.integers(0, 256, size=(h, w, len(mode)), dtype=np.uint8)
+    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(path)
+    assert image_size(path) == (h, w) == tuple(load_image(path).shape[:2])
+    for bundled in bundled_images():
+        assert image_size(bundled) == tuple(load_image(bundled).shape[:2])
+
+
+def test_kernels_demo_runs_every_backend_here_against_float64(capsys):
+    # Small enough for the Triton interpreter (tests set TRITON_INTERPRET=1, so triton runs too).
+    seed = int(torch.randint(0, 2**31, ()).item())
+    argv = "kernels --samples 5 --min-text 1 --max-text 40 --tokens-per-view 5 --budget 200 --heads 4"
+    argv += f" --kv-heads 1 --model-dim 24 --ffn-dim 20 --experts 5 --top-k 2 --repeats 1 --seed {seed}"
+    assert main(argv.split()) == 0
+    report = capsys.readouterr().out
+    head, attention = report.split("\nvarlen attention:")
+    attention, moe = attention.split("\nMoE SwiGLU layer:")
+
+    first_bin = [
+        int(n) for n in re.search(r"first bin: \d+ samples, lengths \[([\d, ]+)\]", head)[1].split(",")
+    ]
+    assert 1 <= len(first_bin) and sum(first_bin) <= 200
+    assert f"T {sum(first_bin)}," in attention and f"T {sum(first_bin)}," in moe
+    rope_error = float(re.search(r"RoPE .*max \|diff\| vs float64 (\S+)", head)[1])
+    assert rope_error < 1e-5
+
+    attention_rows, moe_rows = backend_rows(attention), backend_rows(moe)
+    assert set(attention_rows) == {"triton", "torch"}, attention
+    assert set(moe_rows) == {"triton", "cpu", "grouped_mm", "torch"}, moe
+    # float32 against float64 with values of order 1: a wiring mistake (wrong positions, a dropped
+    # gradient, crossed sequences) shows as an error of order 1.
+    for section, rows in (("attention", attention_rows), ("moe", moe_rows)):
+        for name, error in rows.items():
+            assert error < 1e-5, (section, name, report)
+    assert "padded SDPA" in attention and "load-balancing loss" in moe
+
+
+def test_kernels_demo_rejects_bad_arguments():
+    with pytest.raises(SystemExit, match="--min-text"):
+        main("kernels --min-text 9 --max-text 3".split())
+    with pytest.raises(
+        ValueError, match="sequence 0 has"
+    ):  # a sample longer than a bin is named, not dropped
+        main("kernels --samples 2 --budget 100".split())
+
+
+def test_tiles_demo_backends_agree_in_float32(capsys):
+    assert main("tiles --repeats 1 --dtype float32".split()) == 0
+    rows = re.findall(
+        r"^  (\w+)\s+[\d.]+ ms .*max \|diff\| vs first: (\S+)\)$", capsys.readouterr().out, re.M
+    )
+    assert [name for name, _ in rows] == ["cpu", "torch"]
+    assert all(float(error) < 1e-5 for _, error in rows), rows
