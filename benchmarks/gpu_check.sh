@@ -26,6 +26,10 @@ echo "gpu tests rc=$?" >> "$OUT/env.txt"
 timeout 120 $PY -m pytest -q -p no:cacheprovider -k "cuda" tests > "$OUT/tests_cuda_param.log" 2>&1
 echo "cuda-parametrised tests rc=$?" >> "$OUT/env.txt"
 
+# Every backend on one packed multimodal batch in bf16, each against float64 (the make-demo path on CUDA).
+timeout 90 $PY -m sphinx_x.cli kernels > "$OUT/demo_kernels.txt" 2>&1
+echo "sphinx-x kernels rc=$?" >> "$OUT/env.txt"
+
 # GPU rows only (the CPU rows are measured on the CI-class machine); 120 s each at most.
 for bench in "bench_tiles.py" "bench_attention.py --gpu-only" "bench_moe.py --no-cpu" "bench_transformers.py"; do
   name=${bench%%.py*}
