@@ -180,8 +180,9 @@ def _attention_demo(lengths: list[int], args: argparse.Namespace, dtype, device,
 
     x = torch.randn(total, heads, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     positions = sk.position_ids_from_cu_seqlens(cu_seqlens)
-    got = _forward_backward(lambda x: sk.apply_rotary(x, positions), [x], torch.ones_like(x))
-    want = _float64_reference(lambda x: sk.apply_rotary_ref(x, positions), [x], torch.ones_like(x))
+    grad = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+    got = _forward_backward(lambda x: sk.apply_rotary(x, positions), [x], grad)
+    want = _float64_reference(lambda x: sk.apply_rotary_ref(x, positions), [x], grad)
     print(
         f"\nRoPE on packed positions (restarting at each sample), forward + backward: "
         f"max |diff| vs float64 {_max_abs_diff(got, want):.1e}"
@@ -247,7 +248,15 @@ def _moe_demo(total: int, args: argparse.Namespace, dtype, device, gen) -> None:
     (w2,) = _leaves(gen, [(experts, f, d)], dtype, device, f**-0.5)
     inputs = [x, router, w1, w3, w2]
     grad_out = torch.randn(total, d, generator=gen).to(device=device, dtype=dtype)
-    reference = _float64_reference(lambda *t: sk.moe_mlp_ref(*t, top_k=top_k)[0], inputs, grad_out)
+    # Choosing experts is discrete: a near-tie between two experts can go either way in bf16 and in float64
+    # logits, so the reference takes the experts chosen in the inputs' dtype and does the rest in float64.
+    _, expert_ids = sk.route(x.detach() @ router.detach().T, top_k)
+
+    def moe_reference(x, router, w1, w3, w2):
+        probs = torch.softmax(x @ router.T, dim=-1).gather(1, expert_ids)  # Mixtral: renormalised top-k
+        return sk.moe_experts_ref(x, expert_ids, probs / probs.sum(-1, keepdim=True), w1, w3, w2)
+
+    reference = _float64_reference(moe_reference, inputs, grad_out)
     _time_backends(
         MOE_BACKENDS,
         lambda name: _forward_backward(
