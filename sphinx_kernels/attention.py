@@ -2,7 +2,10 @@
 
 Packed layout (flash-attn's varlen layout): the tokens of ``B`` sequences are concatenated into one stream of
 ``T`` tokens; ``cu_seqlens`` (int32, ``(B+1,)``, ``0 = cu[0] <= cu[1] <= ... <= cu[B] = T``) gives the
-boundaries. Attention never crosses a boundary, and rotary positions restart at 0 in every sequence.
+boundaries. Attention never crosses a boundary, and rotary positions restart at 0 in every sequence. Keys may
+have boundaries of their own (``cu_seqlens_k``: a KV cache longer than the new queries, cross-attention);
+causal masking then aligns bottom-right, as flash-attn's (>= 2.1), so each sequence's last query sees all
+its keys.
 
 Backends (``_backend.select("attention", ...)``): ``flash_attn`` (``flash_attn_varlen_func``, fp16/bf16, when
 importable), ``triton`` (the kernels below), ``torch`` (the reference: per-sequence
@@ -53,8 +56,22 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_attention_args(q, k, v, cu_seqlens, max_seqlen) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+def _check_boundaries(name: str, cu: torch.Tensor, max_len, max_name: str, device: torch.device) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (flash-attn's convention), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must have shape (B+1,) with B >= 1, got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int):
+        raise TypeError(f"{max_name} must be an int, got {type(max_len).__name__}")
+
+
+def _check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k=None, max_seqlen_k=None) -> None:
+    """Shapes, dtypes and devices (no device sync). `cu_seqlens_k` None: keys share the queries' boundaries."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -71,9 +88,12 @@ def _check_attention_args(q, k, v, cu_seqlens, max_seqlen) -> None:
             )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} must have q's head_dim (q is {tuple(q.shape)}): (T, Hkv, D)")
+    if cu_seqlens_k is None and k.shape[0] != q.shape[0]:
         raise ValueError(
-            f"k {tuple(k.shape)} must have q's token count and head_dim (q is {tuple(q.shape)}): (T, Hkv, D)"
+            f"k {tuple(k.shape)} must have q's token count (q is {tuple(q.shape)}), or pass the keys' own "
+            f"boundaries as cu_seqlens_k"
         )
     hq, hkv = q.shape[1], k.shape[1]
     if hkv == 0 or hq % hkv:
@@ -82,14 +102,16 @@ def _check_attention_args(q, k, v, cu_seqlens, max_seqlen) -> None:
         )
     if q.shape[2] == 0:
         raise ValueError("head_dim must be at least 1")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32 (flash-attn's convention), got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must have shape (B+1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    _check_boundaries("cu_seqlens", cu_seqlens, max_seqlen, "max_seqlen", q.device)
+    if (cu_seqlens_k is None) != (max_seqlen_k is None):
+        raise ValueError("cu_seqlens_k and max_seqlen_k go together: pass both or neither")
+    if cu_seqlens_k is not None:
+        _check_boundaries("cu_seqlens_k", cu_seqlens_k, max_seqlen_k, "max_seqlen_k", q.device)
+        if cu_seqlens_k.numel() != cu_seqlens.numel():
+            raise ValueError(
+                f"cu_seqlens_k has {cu_seqlens_k.numel()} entries but cu_seqlens has {cu_seqlens.numel()}: "
+                f"one key sequence per query sequence"
+            )
 
 
 def _version_of(t: torch.Tensor) -> int | None:
@@ -100,42 +122,73 @@ def _version_of(t: torch.Tensor) -> int | None:
         return None
 
 
-# The last cu_seqlens whose values passed: every layer of a model gets the same tensor, so a training step
-# pays one device-to-host sync for the checks, not one per layer (a weak reference: never keeps it alive).
-_last_checked: tuple[weakref.ref, int | None, int, int] | None = None
+# The last two boundary tensors whose values passed (queries' and keys'): every layer of a model gets the same
+# tensors, so a training or decoding step pays one device-to-host sync per tensor for the checks, not one per
+# layer (weak references: never keeps them alive).
+_last_checked: list[tuple[weakref.ref, int | None, int, int]] = []
 
 
-def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int, max_seqlen: int) -> None:
-    """Value checks (one device-to-host copy of four scalars, skipped for the tensor checked last)."""
-    global _last_checked
-    if _last_checked is not None:
-        ref, version, tokens, longest_ok = _last_checked
+def _check_cu_seqlens_values(
+    cu_seqlens: torch.Tensor,
+    num_tokens: int,
+    max_seqlen: int,
+    names: tuple[str, str, str] = ("cu_seqlens", "max_seqlen", "q"),
+) -> None:
+    """Value checks (one device-to-host copy of four scalars, skipped for a tensor checked last). `names`:
+    the boundaries', the bound's and the tensor whose token count they must end at, for the messages."""
+    for ref, version, tokens, longest_ok in _last_checked:
         if ref() is cu_seqlens and version == _version_of(cu_seqlens) and tokens == num_tokens:
             if max_seqlen >= longest_ok:
                 return
+    cu_name, max_name, tensor_name = names
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     first, last, shortest, longest = torch.stack(
         [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]
     ).tolist()
     if first != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {first}")
+        raise ValueError(f"{cu_name} must start at 0, got {cu_name}[0] = {first}")
     if shortest < 0:
         i = int(torch.nonzero(lengths < 0)[0])
         raise ValueError(
-            f"cu_seqlens must be non-decreasing, but cu_seqlens[{i + 1}] = {int(cu_seqlens[i + 1])} < "
-            f"cu_seqlens[{i}] = {int(cu_seqlens[i])}"
+            f"{cu_name} must be non-decreasing, but {cu_name}[{i + 1}] = {int(cu_seqlens[i + 1])} < "
+            f"{cu_name}[{i}] = {int(cu_seqlens[i])}"
         )
     if last != num_tokens:
-        raise ValueError(f"cu_seqlens must end at T = {num_tokens} (q.shape[0]), got cu_seqlens[-1] = {last}")
+        raise ValueError(
+            f"{cu_name} must end at T = {num_tokens} ({tensor_name}.shape[0]), got {cu_name}[-1] = {last}"
+        )
     if max_seqlen < longest:
-        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({longest})")
+        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence ({longest})")
     version = _version_of(cu_seqlens)
-    _last_checked = None if version is None else (weakref.ref(cu_seqlens), version, num_tokens, longest)
+    if version is not None:
+        _last_checked[:] = [e for e in _last_checked if e[0]() is not cu_seqlens][-1:]
+        _last_checked.append((weakref.ref(cu_seqlens), version, num_tokens, longest))
 
 
 # ----------------------------------------------------------------------------------------------------
 # 1. References: per-sequence SDPA (attention) and Hugging Face Llama's rotate-half rotary embedding.
 # ----------------------------------------------------------------------------------------------------
+
+
+def _sequence_pairs(cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor | None) -> list[tuple[int, ...]]:
+    """``(q_start, q_end, k_start, k_end)`` per sequence, on the host (keys share the queries' bounds if None)."""
+    bq = cu_seqlens.tolist()
+    bk = bq if cu_seqlens_k is None or cu_seqlens_k is cu_seqlens else cu_seqlens_k.tolist()
+    return [(bq[i], bq[i + 1], bk[i], bk[i + 1]) for i in range(len(bq) - 1)]
+
+
+def _blind_rows(q_len: int, k_len: int, causal: bool) -> int:
+    """How many leading queries of a sequence see no key: all of them without keys, and with causal masking
+    aligned bottom-right the first ``q_len - k_len`` when there are more queries than keys."""
+    if k_len == 0:
+        return q_len
+    return max(q_len - k_len, 0) if causal else 0
+
+
+def _causal_visible(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """bool ``(q_len, k_len)``: query i sees key j iff ``j <= i + k_len - q_len`` (bottom-right alignment:
+    the last query sees every key, as when decoding with a KV cache)."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
 
 
 def varlen_attention_ref(
@@ -147,22 +200,33 @@ def varlen_attention_ref(
     *,
     causal: bool = True,
     softmax_scale: float | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch varlen attention: ``scaled_dot_product_attention`` on each sequence alone, in q's dtype.
 
-    Shapes as `varlen_attention`; differentiable through PyTorch's autograd. `max_seqlen` is not needed.
+    Shapes and semantics as `varlen_attention`; differentiable through PyTorch's autograd. `max_seqlen` and
+    `max_seqlen_k` are not needed.
     """
-    bounds = cu_seqlens.tolist()
     group = q.shape[1] // k.shape[1]
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if end == start:
+    for qs, qe, ks, ke in _sequence_pairs(cu_seqlens, cu_seqlens_k):
+        q_len, k_len = qe - qs, ke - ks
+        blind = _blind_rows(q_len, k_len, causal)
+        if blind:
+            outs.append(q[qs : qs + blind] * 0)  # sees no key: 0, as flash-attn (and still in the graph)
+        if blind == q_len:
             continue
+        rows = q_len - blind
+        # SDPA's is_causal aligns top-left; with fewer queries than keys the bottom-right mask differs (a
+        # single query sees every key: no mask).
+        mask = _causal_visible(rows, k_len, q.device) if causal and 1 < rows < k_len else None
         o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),
-            k[start:end].transpose(0, 1),
-            v[start:end].transpose(0, 1),
-            is_causal=causal,
+            q[qs + blind : qe].transpose(0, 1),
+            k[ks:ke].transpose(0, 1),
+            v[ks:ke].transpose(0, 1),
+            attn_mask=mask,
+            is_causal=causal and rows == k_len,
             scale=softmax_scale,
             enable_gqa=group > 1,
         )
@@ -179,42 +243,38 @@ def _varlen_attention_ref_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference's gradients by the softmax-backward formula, one sequence at a time (an ``L x L`` score
+    """The reference's gradients by the softmax-backward formula, one sequence at a time (an ``Lq x Lk`` score
     matrix per sequence and head, float32 or float64). Used by the registered op's torch backend off the CPU,
     whose kernel runs where autograd is off (under torch.compile); eager use there differentiates the reference
     itself, and the CPU has `_cpu_flash_backward`."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     dq, dk, dv = (torch.zeros(t.shape, dtype=compute, device=t.device) for t in (q, k, v))
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if end == start:
-            continue
-        qs, ks, vs, os_, dos = (t[start:end].transpose(0, 1).to(compute) for t in (q, k, v, out, dout))
-        ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)
-        scores = qs @ ks.transpose(1, 2) * softmax_scale
+    for qs, qe, ks, ke in _sequence_pairs(cu_seqlens, cu_seqlens_k):
+        if qe == qs or ke == ks:
+            continue  # no query sees a key: every gradient of the sequence is 0
+        qh, oh, doh = (t[qs:qe].transpose(0, 1).to(compute) for t in (q, out, dout))
+        kh, vh = (t[ks:ke].transpose(0, 1).to(compute).repeat_interleave(group, dim=0) for t in (k, v))
+        scores = qh @ kh.transpose(1, 2) * softmax_scale
         if causal:
-            n = end - start
-            hidden = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            hidden = ~_causal_visible(qe - qs, ke - ks, q.device)
             scores = scores.masked_fill(hidden, float("-inf"))
         p = scores.softmax(dim=-1)
-        dp = dos @ vs.transpose(1, 2)
-        ds = p * (dp - (dos * os_).sum(dim=-1, keepdim=True))
-        dq[start:end] = (ds @ ks * softmax_scale).transpose(0, 1)
-        dk_full = ds.transpose(1, 2) @ qs * softmax_scale
-        dv_full = p.transpose(1, 2) @ dos
+        if causal:
+            p = p.masked_fill(hidden, 0.0)  # a query that sees no key: softmax of -inf only is NaN; it is 0
+        dp = doh @ vh.transpose(1, 2)
+        ds = p * (dp - (doh * oh).sum(dim=-1, keepdim=True))
+        dq[qs:qe] = (ds @ kh * softmax_scale).transpose(0, 1)
         heads = k.shape[1]
-        dk[start:end] = dk_full.view(heads, group, end - start, -1).sum(1).transpose(0, 1)
-        dv[start:end] = dv_full.view(heads, group, end - start, -1).sum(1).transpose(0, 1)
+        dk_full = (ds.transpose(1, 2) @ qh * softmax_scale).view(heads, group, ke - ks, -1)
+        dv_full = (p.transpose(1, 2) @ doh).view(heads, group, ke - ks, -1)
+        dk[ks:ke] = dk_full.sum(1).transpose(0, 1)
+        dv[ks:ke] = dv_full.sum(1).transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def _sequence_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
-    bounds = cu_seqlens.tolist()
-    return [(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True) if end > start]
 
 
 def _heads_first(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -222,51 +282,86 @@ def _heads_first(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return x[start:end].transpose(0, 1).unsqueeze(0)
 
 
-def _cpu_flash_forward(q, k, v, cu_seqlens, causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
+def _cpu_sequences(cu_seqlens, cu_seqlens_k, causal, dtype, device):
+    """Per sequence: ``(q_start, q_end, blind, k_start, k_end, is_causal, mask)`` for PyTorch's CPU flash
+    kernels, which take the rows from ``q_start + blind`` on (the others see no key); `mask` an additive
+    bottom-right causal mask where queries and keys differ in number (the kernel's is_causal is top-left)."""
+    for qs, qe, ks, ke in _sequence_pairs(cu_seqlens, cu_seqlens_k):
+        blind = _blind_rows(qe - qs, ke - ks, causal)
+        rows = qe - qs - blind
+        mask = None
+        if causal and 1 < rows < ke - ks:  # (a single query sees every key)
+            hidden = ~_causal_visible(rows, ke - ks, device)
+            mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill(hidden, float("-inf"))
+        yield qs, qe, blind, ks, ke, causal and rows == ke - ks, mask
+
+
+def _cpu_flash_forward(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch backend on the CPU: PyTorch's CPU flash attention (what SDPA runs there) on each sequence,
-    written into one packed output, keeping each sequence's log-sum-exp (``(Hq, T)``) for the backward. Eager
-    autograd through per-sequence SDPA would instead pay, per sequence, zero-filled full-size gradients of
-    the q/k/v slices (~17% of a training step on the benchmark's mix)."""
+    written into one packed output, keeping each sequence's log-sum-exp (``(Hq, T)``; +inf where a query sees
+    no key) for the backward. Eager autograd through per-sequence SDPA would instead pay, per sequence,
+    zero-filled full-size gradients of the q/k/v slices (~17% of a training step on the benchmark's mix)."""
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty(
         (q.shape[1], q.shape[0]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32
     )
-    for start, end in _sequence_bounds(cu_seqlens):
+    for qs, qe, blind, ks, ke, is_causal, mask in _cpu_sequences(
+        cu_seqlens, cu_seqlens_k, causal, q.dtype, q.device
+    ):
+        out[qs : qs + blind] = 0
+        lse[:, qs : qs + blind] = float("inf")
+        if qs + blind == qe:
+            continue
         o, seq_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *(_heads_first(t, start, end) for t in (q, k, v)), 0.0, causal, scale=scale
+            _heads_first(q, qs + blind, qe),
+            _heads_first(k, ks, ke),
+            _heads_first(v, ks, ke),
+            0.0,
+            is_causal,
+            attn_mask=mask,
+            scale=scale,
         )
-        out[start:end] = o[0].transpose(0, 1)
-        lse[:, start:end] = seq_lse[0]
+        out[qs + blind : qe] = o[0].transpose(0, 1)
+        lse[:, qs + blind : qe] = seq_lse[0]
     return out, lse
 
 
-def _cpu_flash_backward(dout, q, k, v, out, lse, cu_seqlens, causal, scale):
+def _cpu_flash_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, causal, scale):
     """Gradients of `_cpu_flash_forward`, per sequence with PyTorch's CPU flash backward, straight into
-    packed dq, dk, dv (never zero-filled: the sequences cover every row)."""
+    packed dq, dk, dv (zero-filled only where no query sees a key)."""
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
-    for start, end in _sequence_bounds(cu_seqlens):
-        ks, vs = _heads_first(k, start, end), _heads_first(v, start, end)
+    for qs, qe, blind, ks, ke, is_causal, mask in _cpu_sequences(
+        cu_seqlens, cu_seqlens_k, causal, q.dtype, q.device
+    ):
+        dq[qs : qs + blind] = 0
+        if qs + blind == qe:
+            dk[ks:ke] = 0
+            dv[ks:ke] = 0
+            continue
+        a = qs + blind
+        kh, vh = _heads_first(k, ks, ke), _heads_first(v, ks, ke)
         if group > 1:
             # The CPU kernel's own grouped-query backward runs one thread per k/v head (1.4x slower on 2
             # threads with one k/v head); with k/v repeated per q head it spreads over all q heads.
-            ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+            kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _heads_first(dout, start, end),
-            _heads_first(q, start, end),
-            ks,
-            vs,
-            _heads_first(out, start, end),
-            lse[:, start:end].unsqueeze(0),
+            _heads_first(dout, a, qe),
+            _heads_first(q, a, qe),
+            kh,
+            vh,
+            _heads_first(out, a, qe),
+            lse[:, a:qe].unsqueeze(0),
             0.0,
-            causal,
+            is_causal,
+            attn_mask=mask,
             scale=scale,
         )
         if group > 1:
             gk, gv = (g.unflatten(1, (kv_heads, group)).sum(2) for g in (gk, gv))
-        dq[start:end] = gq[0].transpose(0, 1)
-        dk[start:end] = gk[0].transpose(0, 1)
-        dv[start:end] = gv[0].transpose(0, 1)
+        dq[a:qe] = gq[0].transpose(0, 1)
+        dk[ks:ke] = gk[0].transpose(0, 1)
+        dv[ks:ke] = gv[0].transpose(0, 1)
     return dq, dk, dv
 
 
@@ -311,16 +406,31 @@ def _load_tile(ptrs, rows_ok, cols_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.cons
 
 
 @triton.jit
-def _item_bounds(ITEMS, CU_SEQLENS, item):
-    """(token offset of the sequence, its length, block index) of work item `item`; length 0 if unused."""
+def _item_bounds(ITEMS, CU_SEQLENS, CU_SEQLENS_K, item):
+    """(queries' token offset and count, keys' token offset and count, block index) of work item `item`;
+    counts 0 if the slot is unused."""
     seq = tl.load(ITEMS + 2 * item)
     block = tl.load(ITEMS + 2 * item + 1)
     valid = seq >= 0
     seq = tl.maximum(seq, 0)
-    start = tl.load(CU_SEQLENS + seq)
-    end = tl.load(CU_SEQLENS + seq + 1)
-    seq_len = tl.where(valid, end - start, 0)
-    return start.to(tl.int64), seq_len, block
+    q_start = tl.load(CU_SEQLENS + seq)
+    q_len = tl.where(valid, tl.load(CU_SEQLENS + seq + 1) - q_start, 0)
+    k_start = tl.load(CU_SEQLENS_K + seq)
+    k_len = tl.where(valid, tl.load(CU_SEQLENS_K + seq + 1) - k_start, 0)
+    return q_start.to(tl.int64), q_len, k_start.to(tl.int64), k_len, block
+
+
+@triton.jit
+def _key_range(m0, k_len, shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys a query block ``[m0, m0 + BLOCK_M)`` visits: ``[0, full_end)`` need no mask (in range, and for
+    causal seen by every row of the block), ``[full_end, hi)`` are the diagonal / ragged-end blocks."""
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(k_len, m0 + BLOCK_M + shift), 0)
+        full_end = tl.maximum(tl.minimum(k_len, m0 + 1 + shift), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = k_len
+        full_end = k_len // BLOCK_N * BLOCK_N
+    return hi, full_end
 
 
 @triton.jit
@@ -335,7 +445,8 @@ def _varlen_attention_fwd_inner(
     stride_vt,
     offs_m,
     offs_d,
-    seq_len,
+    k_len,
+    shift,
     lo,
     hi,
     qk_scale,
@@ -349,7 +460,7 @@ def _varlen_attention_fwd_inner(
     cols_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keys_ok = offs_n < seq_len
+        keys_ok = offs_n < k_len
         kt = _load_tile(
             k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
             keys_ok[None, :],
@@ -361,12 +472,17 @@ def _varlen_attention_fwd_inner(
         if MASKED:
             keep = keys_ok[None, :]
             if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                keep = keep & (offs_m[:, None] + shift >= offs_n[None, :])
             s = tl.where(keep, s, float("-inf"))
-        # Every row sees at least one key in the first block it visits, so m_new is finite from there on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_ref = m_new
+        if MASKED:
+            # A row that has seen no key yet keeps m = -inf (with causal masking aligned bottom-right, a query
+            # before every key sees none at all); subtracting 0 instead keeps its p and alpha 0, not NaN.
+            # Unmasked blocks are visited only by rows that see every key in them.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(
             v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
@@ -388,6 +504,7 @@ def _varlen_attention_fwd_kernel(
     O,
     LSE,
     CU_SEQLENS,
+    CU_SEQLENS_K,
     ITEMS,
     qk_scale,
     stride_qt,
@@ -414,8 +531,9 @@ def _varlen_attention_fwd_kernel(
     pid = tl.program_id(0)
     item = pid // NUM_HEADS
     head = pid % NUM_HEADS
-    start, seq_len, block = _item_bounds(ITEMS, CU_SEQLENS, item)
+    start, seq_len, k_start, k_len, block = _item_bounds(ITEMS, CU_SEQLENS, CU_SEQLENS_K, item)
     kv_head = head // GROUP
+    shift = k_len - seq_len  # causal: query row m sees keys n <= m + shift (bottom-right alignment)
 
     m0 = block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -429,20 +547,13 @@ def _varlen_attention_fwd_kernel(
         True,
         not EVEN_D,
     )
-    k_base = K + start * stride_kt + kv_head * stride_kh
-    v_base = V + start * stride_vt + kv_head * stride_vh
+    k_base = K + k_start * stride_kt + kv_head * stride_kh
+    v_base = V + k_start * stride_vt + kv_head * stride_vh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # Key blocks [0, full_end) need no mask (in range, and for causal left of every row of this block);
-    # [full_end, hi) are the diagonal / ragged-end blocks.
-    if CAUSAL:
-        hi = tl.minimum(seq_len, m0 + BLOCK_M)
-        full_end = tl.minimum(seq_len, m0 + 1) // BLOCK_N * BLOCK_N
-    else:
-        hi = seq_len
-        full_end = seq_len // BLOCK_N * BLOCK_N
+    hi, full_end = _key_range(m0, k_len, shift, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _varlen_attention_fwd_inner(
         acc,
         l_i,
@@ -454,7 +565,8 @@ def _varlen_attention_fwd_kernel(
         stride_vt,
         offs_m,
         offs_d,
-        seq_len,
+        k_len,
+        shift,
         0,
         full_end,
         qk_scale,
@@ -476,7 +588,8 @@ def _varlen_attention_fwd_kernel(
         stride_vt,
         offs_m,
         offs_d,
-        seq_len,
+        k_len,
+        shift,
         full_end,
         hi,
         qk_scale,
@@ -491,8 +604,9 @@ def _varlen_attention_fwd_kernel(
     acc = acc / l_safe[:, None]
     o_ptrs = O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
-    # Natural-log LSE (flash-attn's convention); m_i and log2(l_i) are in the base-2 domain.
-    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+    # Natural-log LSE (flash-attn's convention); m_i and log2(l_i) are in the base-2 domain. A row that sees
+    # no key (output 0) gets +inf, so the backward's exp(s - lse) is 0 for it, as flash-attn does.
+    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
     tl.store(LSE + head * stride_lh + start + offs_m, lse, mask=rows_ok)
 
 
@@ -540,6 +654,7 @@ def _varlen_attention_bwd_dkdv_inner(
     offs_n,
     offs_d,
     seq_len,
+    shift,
     lo,
     hi,
     qk_scale,
@@ -580,7 +695,7 @@ def _varlen_attention_bwd_dkdv_inner(
         if MASKED:
             keep = rows_ok[None, :]
             if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+                keep = keep & (offs_m[None, :] + shift >= offs_n[:, None])
             pt = tl.where(keep, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -600,6 +715,7 @@ def _varlen_attention_bwd_dkdv_kernel(
     DK,
     DV,
     CU_SEQLENS,
+    CU_SEQLENS_K,
     ITEMS,
     qk_scale,
     sm_scale,
@@ -631,22 +747,23 @@ def _varlen_attention_bwd_dkdv_kernel(
     pid = tl.program_id(0)
     item = pid // NUM_KV_HEADS
     kv_head = pid % NUM_KV_HEADS
-    start, seq_len, block = _item_bounds(ITEMS, CU_SEQLENS, item)
+    start, seq_len, k_start, k_len, block = _item_bounds(ITEMS, CU_SEQLENS, CU_SEQLENS_K, item)
+    shift = k_len - seq_len  # causal: query row m sees key n iff m >= n - shift
 
     n0 = block * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    keys_ok = offs_n < seq_len
+    keys_ok = offs_n < k_len
     cols_ok = offs_d < HEAD_DIM
     k = _load_tile(
-        K + (start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+        K + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
         keys_ok[:, None],
         cols_ok[None, :],
         True,
         not EVEN_D,
     )
     v = _load_tile(
-        V + (start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+        V + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
         keys_ok[:, None],
         cols_ok[None, :],
         True,
@@ -658,8 +775,8 @@ def _varlen_attention_bwd_dkdv_kernel(
     # Query blocks: [lo, f0) diagonal (masked), [f0, f1) full (unmasked), [f1, end) ragged end (masked).
     end = tl.cdiv(seq_len, BLOCK_M) * BLOCK_M
     if CAUSAL:
-        lo = n0 // BLOCK_M * BLOCK_M
-        f0 = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+        lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M  # the first row that sees key n0
+        f0 = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M  # rows that see the block
     else:
         lo = 0
         f0 = 0
@@ -684,6 +801,7 @@ def _varlen_attention_bwd_dkdv_kernel(
             offs_n,
             offs_d,
             seq_len,
+            shift,
             lo,
             tl.minimum(f0, end),
             qk_scale,
@@ -708,6 +826,7 @@ def _varlen_attention_bwd_dkdv_kernel(
             offs_n,
             offs_d,
             seq_len,
+            shift,
             f0,
             f1,
             qk_scale,
@@ -732,6 +851,7 @@ def _varlen_attention_bwd_dkdv_kernel(
             offs_n,
             offs_d,
             seq_len,
+            shift,
             f1,
             end,
             qk_scale,
@@ -745,12 +865,12 @@ def _varlen_attention_bwd_dkdv_kernel(
     dk = dk * sm_scale
     mask = keys_ok[:, None] & cols_ok[None, :]
     tl.store(
-        DK + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+        DK + (k_start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
         dk.to(DK.dtype.element_ty),
         mask=mask,
     )
     tl.store(
-        DV + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+        DV + (k_start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
         dv.to(DV.dtype.element_ty),
         mask=mask,
     )
@@ -769,7 +889,8 @@ def _varlen_attention_bwd_dq_inner(
     stride_vt,
     offs_m,
     offs_d,
-    seq_len,
+    k_len,
+    shift,
     lo,
     hi,
     qk_scale,
@@ -783,7 +904,7 @@ def _varlen_attention_bwd_dq_inner(
     cols_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keys_ok = offs_n < seq_len
+        keys_ok = offs_n < k_len
         k = _load_tile(
             k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
             keys_ok[:, None],
@@ -803,7 +924,7 @@ def _varlen_attention_bwd_dq_inner(
         if MASKED:
             keep = keys_ok[None, :]
             if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+                keep = keep & (offs_m[:, None] + shift >= offs_n[None, :])
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -821,6 +942,7 @@ def _varlen_attention_bwd_dq_kernel(
     DELTA,
     DQ,
     CU_SEQLENS,
+    CU_SEQLENS_K,
     ITEMS,
     qk_scale,
     sm_scale,
@@ -850,8 +972,9 @@ def _varlen_attention_bwd_dq_kernel(
     pid = tl.program_id(0)
     item = pid // NUM_HEADS
     head = pid % NUM_HEADS
-    start, seq_len, block = _item_bounds(ITEMS, CU_SEQLENS, item)
+    start, seq_len, k_start, k_len, block = _item_bounds(ITEMS, CU_SEQLENS, CU_SEQLENS_K, item)
     kv_head = head // GROUP
+    shift = k_len - seq_len
 
     m0 = block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -874,16 +997,11 @@ def _varlen_attention_bwd_dq_kernel(
     )
     lse2 = tl.load(LSE + head * stride_lh + start + offs_m, mask=rows_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + head * stride_lh + start + offs_m, mask=rows_ok, other=0.0)
-    k_base = K + start * stride_kt + kv_head * stride_kh
-    v_base = V + start * stride_vt + kv_head * stride_vh
+    k_base = K + k_start * stride_kt + kv_head * stride_kh
+    v_base = V + k_start * stride_vt + kv_head * stride_vh
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(seq_len, m0 + BLOCK_M)
-        full_end = tl.minimum(seq_len, m0 + 1) // BLOCK_N * BLOCK_N
-    else:
-        hi = seq_len
-        full_end = seq_len // BLOCK_N * BLOCK_N
+    hi, full_end = _key_range(m0, k_len, shift, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _varlen_attention_bwd_dq_inner(
         dq,
         q,
@@ -896,7 +1014,8 @@ def _varlen_attention_bwd_dq_kernel(
         stride_vt,
         offs_m,
         offs_d,
-        seq_len,
+        k_len,
+        shift,
         0,
         full_end,
         qk_scale,
@@ -919,7 +1038,8 @@ def _varlen_attention_bwd_dq_kernel(
         stride_vt,
         offs_m,
         offs_d,
-        seq_len,
+        k_len,
+        shift,
         full_end,
         hi,
         qk_scale,
@@ -984,9 +1104,10 @@ def _rotary_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-# Work tables of the last cu_seqlens seen (weakly referenced): every layer of a step shares cu_seqlens, so
-# the ~10 small torch ops building a table run once per step, not three times per layer.
-_tables: dict[str, object] = {"ref": None, "version": -1, "tables": {}}
+# Work tables of the last two boundary tensors seen (the queries' and the keys'; weakly referenced): every
+# layer of a step shares them, so the ~10 small torch ops building a table run once per step, not three times
+# per layer.
+_tables: list[tuple[weakref.ref, int, dict]] = []
 
 
 def _cached_work_items(
@@ -995,14 +1116,15 @@ def _cached_work_items(
     version = _version_of(cu_seqlens)
     if version is None:
         return _work_items(cu_seqlens, max_seqlen, num_tokens, block, causal, keys)
-    ref = _tables["ref"]
-    if ref is None or ref() is not cu_seqlens or _tables["version"] != version:
-        _tables.update(ref=weakref.ref(cu_seqlens), version=version, tables={})
+    tables = next((t for ref, seen, t in _tables if ref() is cu_seqlens and seen == version), None)
+    if tables is None:
+        tables = {}
+        _tables[:] = [e for e in _tables if e[0]() is not cu_seqlens][-1:]
+        _tables.append((weakref.ref(cu_seqlens), version, tables))
     key = (max_seqlen, num_tokens, block, causal, keys)
-    table = _tables["tables"].get(key)
-    if table is None:
-        table = _tables["tables"][key] = _work_items(cu_seqlens, max_seqlen, num_tokens, block, causal, keys)
-    return table
+    if key not in tables:
+        tables[key] = _work_items(cu_seqlens, max_seqlen, num_tokens, block, causal, keys)
+    return tables[key]
 
 
 def _work_items(
@@ -1087,11 +1209,13 @@ def _varlen_attention_fwd_triton(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # Shapes, dtypes and devices (no device sync): the op can be called directly, bypassing varlen_attention.
-    _check_attention_args(q, k, v, cu_seqlens, max_seqlen)
+    _check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     if q.dtype not in TRITON_DTYPES or q.shape[2] > 256:
         raise TypeError(
             f"the Triton kernels run float16/bfloat16/float32 with head_dim <= 256, got {q.dtype}, "
@@ -1114,6 +1238,7 @@ def _varlen_attention_fwd_triton(
         out,
         lse,
         cu_seqlens,
+        cu_seqlens_k,
         items,
         softmax_scale * LOG2E,
         q.stride(0),
@@ -1152,10 +1277,12 @@ def _varlen_attention_bwd_triton(
     lse: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_attention_args(q, k, v, cu_seqlens, max_seqlen)
+    _check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (q.shape[1], q.shape[0]):
         raise ValueError(
             f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}, "
@@ -1167,8 +1294,8 @@ def _varlen_attention_bwd_triton(
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    if num_tokens == 0:
-        return dq, dk, dv
+    if num_tokens == 0:  # no query: keys (if any) get no gradient
+        return dq, dk.zero_(), dv.zero_()
     blocks = _blocks(head_dim, q.dtype)
     block_d = _head_block(head_dim)
     interpreting = _backend.triton_interpreting()
@@ -1199,7 +1326,7 @@ def _varlen_attention_bwd_triton(
     )
     scales = (softmax_scale * LOG2E, softmax_scale)
 
-    items = _cached_work_items(cu_seqlens, max_seqlen, num_tokens, blocks["dkdv_n"], causal, keys=True)
+    items = _cached_work_items(cu_seqlens_k, max_seqlen_k, k.shape[0], blocks["dkdv_n"], causal, keys=True)
     grid = (items.shape[0] * num_kv_heads,)
     args = (
         q,
@@ -1211,6 +1338,7 @@ def _varlen_attention_bwd_triton(
         dk,
         dv,
         cu_seqlens,
+        cu_seqlens_k,
         items,
         *scales,
         q.stride(0),
@@ -1242,6 +1370,7 @@ def _varlen_attention_bwd_triton(
         delta,
         dq,
         cu_seqlens,
+        cu_seqlens_k,
         items,
         *scales,
         q.stride(0),
@@ -1312,27 +1441,33 @@ def _varlen_attention_fwd_op(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out (T, Hq, D) q.dtype, lse)``: triton, and torch on the CPU: lse float32 ``(Hq, T)`` (float64
-    for float64 on the CPU), the natural-log softmax normaliser kept for backward; torch elsewhere (the
-    reference, used here only under torch.compile): lse float32 ``(Hq, 0)``, its backward recomputes the
-    forward."""
+    for float64 on the CPU), the natural-log softmax normaliser kept for backward (+inf where a query sees no
+    key); torch elsewhere (the reference, used here only under torch.compile): lse float32 ``(Hq, 0)``, its
+    backward recomputes the forward. Keys sharing the queries' boundaries pass cu_seqlens twice."""
     if backend == "triton":
         with _on_device(q):
-            return _varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale)
+            return _varlen_attention_fwd_triton(
+                q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, causal, softmax_scale
+            )
     if backend == "torch" and q.device.type == "cpu":
-        return _cpu_flash_forward(q, k, v, cu_seqlens, causal, softmax_scale)
+        return _cpu_flash_forward(q, k, v, cu_seqlens, cu_seqlens_k, causal, softmax_scale)
     if backend == "torch":
-        out = varlen_attention_ref(q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale)
+        out = varlen_attention_ref(
+            q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale, cu_seqlens_k=cu_seqlens_k
+        )
         return out, q.new_empty((q.shape[1], 0), dtype=torch.float32)
     raise ValueError(f"sphinx_kernels::varlen_attention_fwd runs backends triton and torch, got {backend!r}")
 
 
 @_varlen_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, causal, softmax_scale, backend):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     cpu_flash = backend == "torch" and q.device.type == "cpu"
     lse_tokens = 0 if backend == "torch" and not cpu_flash else q.shape[0]
@@ -1350,6 +1485,8 @@ def _varlen_attention_bwd_op(
     lse: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
     backend: str,
@@ -1357,35 +1494,75 @@ def _varlen_attention_bwd_op(
     if backend == "triton":
         with _on_device(q):
             return _varlen_attention_bwd_triton(
-                dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu_seqlens,
+                max_seqlen,
+                cu_seqlens_k,
+                max_seqlen_k,
+                causal,
+                softmax_scale,
             )
     if backend == "torch" and q.device.type == "cpu":
-        return _cpu_flash_backward(dout, q, k, v, out, lse, cu_seqlens, causal, softmax_scale)
+        return _cpu_flash_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, causal, softmax_scale)
     if backend == "torch":
-        dq, dk, dv = _varlen_attention_ref_backward(dout, q, k, v, out, cu_seqlens, causal, softmax_scale)
+        dq, dk, dv = _varlen_attention_ref_backward(
+            dout, q, k, v, out, cu_seqlens, cu_seqlens_k, causal, softmax_scale
+        )
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
     raise ValueError(f"sphinx_kernels::varlen_attention_bwd runs backends triton and torch, got {backend!r}")
 
 
 @_varlen_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, backend):
+def _(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens,
+    max_seqlen,
+    cu_seqlens_k,
+    max_seqlen_k,
+    causal,
+    softmax_scale,
+    backend,
+):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _varlen_attention_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, causal, softmax_scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.causal, ctx.softmax_scale, ctx.backend = max_seqlen, causal, softmax_scale, backend
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k)
+    ctx.max_seqlen, ctx.max_seqlen_k = max_seqlen, max_seqlen_k
+    ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _varlen_attention_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_bwd_op(
-        dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.softmax_scale, ctx.backend
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        ctx.max_seqlen,
+        cu_seqlens_k,
+        ctx.max_seqlen_k,
+        ctx.causal,
+        ctx.softmax_scale,
+        ctx.backend,
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _varlen_attention_fwd_op.register_autograd(
@@ -1435,11 +1612,19 @@ def _select_rope(device_type: str, backend: str | None) -> str:
     return _backend.select("rope", ROPE_BACKENDS, torch.device(device_type), backend=backend)
 
 
-def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale):
-    from flash_attn import flash_attn_varlen_func
+def _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, causal, softmax_scale):
+    from flash_attn import flash_attn_varlen_func  # >= 2.1: causal masks align bottom-right, as ours
 
     return flash_attn_varlen_func(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=softmax_scale, causal=causal
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens_k,
+        max_seqlen,
+        max_seqlen_k,
+        softmax_scale=softmax_scale,
+        causal=causal,
     )
 
 
@@ -1452,6 +1637,8 @@ def varlen_attention(
     *,
     causal: bool = True,
     softmax_scale: float | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention over packed sequences that never crosses a sequence boundary (flash-attn's varlen layout).
@@ -1459,23 +1646,35 @@ def varlen_attention(
     Args:
         q: ``(T, Hq, D)`` float16, bfloat16 or float32 (float64: torch backend only); the last dim contiguous
             is fastest (other strides are copied).
-        k, v: ``(T, Hkv, D)``, q's dtype and device; ``Hq % Hkv == 0`` (grouped-query attention: q head h
-            attends with k/v head ``h // (Hq // Hkv)``).
+        k, v: ``(T, Hkv, D)`` (``(Tk, Hkv, D)`` with `cu_seqlens_k`), q's dtype and device; ``Hq % Hkv == 0``
+            (grouped-query attention: q head h attends with k/v head ``h // (Hq // Hkv)``).
         cu_seqlens: int32 ``(B+1,)`` on q's device: ``0, len_0, len_0 + len_1, ..., T`` (non-decreasing).
         max_seqlen: the longest sequence's length (an upper bound is allowed; it sizes the work table).
         causal: causal masking within each sequence (token i sees tokens <= i of its own sequence).
         softmax_scale: default ``1 / sqrt(D)``.
+        cu_seqlens_k, max_seqlen_k: the keys' own boundaries ``(B+1,)`` int32 (ending at Tk) and longest key
+            sequence, when queries and keys differ per sequence: decoding or chunked prefill against a KV cache,
+            cross-attention. Causal masking then aligns bottom-right (flash-attn >= 2.1): query i of a sequence
+            with Lq queries and Lk keys sees keys ``j <= i + Lk - Lq``, so the last query sees every key; a
+            query that sees no key (Lk = 0, or Lq > Lk and i < Lq - Lk) outputs 0. Both or neither.
         backend: ``"flash_attn" | "triton" | "torch"``; default: the fastest available (`_backend`).
 
     Returns:
         ``(T, Hq, D)`` in q's dtype. Differentiable in q, k and v.
 
-    The values of `cu_seqlens` are checked against T and `max_seqlen` (one small device-to-host copy) except
-    under ``torch.compile``, where data-dependent checks cannot run.
+    The values of `cu_seqlens` (and `cu_seqlens_k`) are checked against T (Tk) and `max_seqlen`
+    (`max_seqlen_k`), one small device-to-host copy each, except under ``torch.compile``, where data-dependent
+    checks cannot run.
     """
-    _check_attention_args(q, k, v, cu_seqlens, max_seqlen)
+    _check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     if not torch.compiler.is_compiling():
         _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+        if cu_seqlens_k is not None:
+            _check_cu_seqlens_values(
+                cu_seqlens_k, k.shape[0], max_seqlen_k, ("cu_seqlens_k", "max_seqlen_k", "k")
+            )
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     # flash-attn runs fp16/bf16 with head_dim <= 256; our Triton kernels fp16/bf16/fp32 with head_dim <= 256
     # (padded to a power of 2: a 512-wide tile would not fit in registers); the reference runs anything.
@@ -1495,13 +1694,17 @@ def varlen_attention(
         )
     chosen = _select_attention(q.device.type, candidates, backend)
     if chosen == "flash_attn":
-        return _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        return _flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, causal, scale)
     if chosen == "torch" and q.device.type != "cpu" and not torch.compiler.is_compiling():
         # Eager off the CPU: plain autograd through per-sequence SDPA (no recompute in backward). Under
         # torch.compile the reference's per-sequence loop needs cu_seqlens on the host, so it runs inside the
         # opaque op; on the CPU the op always runs (PyTorch's CPU flash kernels, forward and backward).
-        return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale)
-    out, _ = _varlen_attention_fwd_op(q, k, v, cu_seqlens, max_seqlen, causal, scale, chosen)
+        return varlen_attention_ref(
+            q, k, v, cu_seqlens, causal=causal, softmax_scale=scale, cu_seqlens_k=cu_seqlens_k
+        )
+    out, _ = _varlen_attention_fwd_op(
+        q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, causal, scale, chosen
+    )
     return out
 
 

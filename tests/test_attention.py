@@ -72,27 +72,63 @@ def random_qkv(seed, total, hq, hkv, d, dtype, device=DEVICE):
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
 
 
+def kv_cache_lengths(seed, high=60):
+    """(query lengths, key lengths) of sequences with their own keys: decoding (one query), a chunk shorter
+    than its cache, more queries than keys (causal: the first ones see no key), no keys, no queries, and as
+    many of each; in random order."""
+    rng = random.Random(seed)
+    same = rng.randint(1, high)
+    pairs = [
+        (1, rng.randint(1, high)),
+        (rng.randint(2, high // 2), rng.randint(high // 2 + 1, high)),
+        (rng.randint(high // 2 + 1, high), rng.randint(1, high // 2)),
+        (rng.randint(1, 20), 0),
+        (0, rng.randint(1, 20)),
+        (same, same),
+    ]
+    rng.shuffle(pairs)
+    return [n for n, _ in pairs], [n for _, n in pairs]
+
+
+def random_qkv_lengths(seed, lengths, k_lengths, hq, hkv, d, dtype, device=DEVICE):
+    """Like `random_qkv`, with k and v sized by their own lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (
+        torch.randn(sum(n), h, d, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        for n, h in ((lengths, hq), (k_lengths, hkv), (k_lengths, hkv), (lengths, hq))
+    )
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
+
+
 def run(fn, q, k, v, do):
     out = fn(q, k, v)
     return (out, *torch.autograd.grad(out, (q, k, v), do))
 
 
-def attention_in_dtype(q, k, v, cu, causal):
+def attention_in_dtype(q, k, v, cu, causal, cu_k=None):
     """Attention written with plain PyTorch ops in q's dtype: scores, softmax and the weighted sum each
     rounded to it (flash-attn's `attention_ref(upcast=False)`). The yardstick of DESIGN's 2x rule: the CPU
     SDPA kernel upcasts fp16 internally, so its error is not what "the PyTorch reference in that dtype" means,
-    and a FlashAttention-style kernel (P and dS rounded to fp16 before their GEMMs) lands near 2x of it."""
+    and a FlashAttention-style kernel (P and dS rounded to fp16 before their GEMMs) lands near 2x of it.
+    With `cu_k` (keys' own boundaries) causal masking aligns bottom-right, as flash-attn's: query i of Lq sees
+    key j of Lk iff j - i <= Lk - Lq; a query that sees no key gives 0."""
     group = q.shape[1] // k.shape[1]
-    bounds = cu.tolist()
+    bounds_q = cu.tolist()
+    bounds_k = bounds_q if cu_k is None else cu_k.tolist()
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
-        scores = (qs @ ks.transpose(1, 2)) * q.shape[-1] ** -0.5
-        if causal:
-            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
-        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+    for i in range(len(bounds_q) - 1):
+        qs, qe, ks, ke = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
+        qh, kh, vh = q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1)
+        kh, vh = kh.repeat_interleave(group, 0), vh.repeat_interleave(group, 0)
+        scores = (qh @ kh.transpose(1, 2)) * q.shape[-1] ** -0.5
+        rows = torch.arange(qe - qs, device=q.device)[:, None]
+        cols = torch.arange(ke - ks, device=q.device)[None, :]
+        hidden = (
+            (cols - rows > (ke - ks) - (qe - qs)) if causal else torch.zeros_like(cols - rows, dtype=bool)
+        )
+        blind = hidden.all(-1, keepdim=True)  # every key hidden, or no key at all
+        scores = scores.masked_fill(hidden, float("-inf")).masked_fill(blind, 0.0)
+        outs.append((scores.softmax(-1).masked_fill(blind, 0.0) @ vh).transpose(0, 1))
     return torch.cat(outs)
 
 
@@ -237,16 +273,124 @@ def test_torch_backend_on_cpu_against_plain_ops_in_float64(seed, poison, dtype, 
         assert_within_reference_error(grad, ref_grad, ref_lowp_grad, name="grad")
 
 
+@pytest.mark.parametrize("own_keys", [False, True], ids=["shared-bounds", "own-key-bounds"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_reference_backward_formula_matches_autograd(seed, causal):
+def test_reference_backward_formula_matches_autograd(seed, causal, own_keys):
     """The torch backend's op backward (used under torch.compile) against autograd, in float64."""
     lengths = [*random_lengths(seed), 0]
-    cu = cu_from(lengths)
-    q, k, v, do = random_qkv(seed, sum(lengths), 8, 2, 24, torch.float64)
-    out, *want = run(lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal=causal), q, k, v, do)
-    got = attn._varlen_attention_ref_backward(do, q, k, v, out, cu, causal, 24**-0.5)
+    k_lengths = lengths
+    if own_keys:
+        lengths, k_lengths = kv_cache_lengths(seed)
+    cu, cu_k = cu_from(lengths), cu_from(k_lengths)
+    q, k, v, do = random_qkv_lengths(seed, lengths, k_lengths, 8, 2, 24, torch.float64)
+    out, *want = run(
+        lambda a, b, c: varlen_attention_ref(a, b, c, cu, causal=causal, cu_seqlens_k=cu_k), q, k, v, do
+    )
+    got = attn._varlen_attention_ref_backward(do, q, k, v, out, cu, cu_k, causal, 24**-0.5)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Keys with their own boundaries (KV-cache decoding, chunked prefill): causal aligned bottom-right
+# ------------------------------------------------------------------------------------------------
+
+KEY_BACKENDS = ["triton", "torch", "reference"]
+
+
+def attend(backend, q, k, v, cu, cu_k, causal, lengths, k_lengths):
+    if backend == "reference":
+        return varlen_attention_ref(q, k, v, cu, causal=causal, cu_seqlens_k=cu_k)
+    return varlen_attention(
+        q,
+        k,
+        v,
+        cu,
+        max(lengths),
+        causal=causal,
+        cu_seqlens_k=cu_k,
+        max_seqlen_k=max(k_lengths),
+        backend=backend,
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", GQA_HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}")
+@pytest.mark.parametrize("backend", KEY_BACKENDS)
+def test_own_key_bounds_float32_against_plain_ops_in_float64(seed, poison, backend, heads, causal):
+    lengths, k_lengths = kv_cache_lengths(seed)
+    cu, cu_k = cu_from(lengths), cu_from(k_lengths)
+    q, k, v, do = random_qkv_lengths(seed, lengths, k_lengths, *heads, 64, torch.float32)
+    got = run(lambda a, b, c: attend(backend, a, b, c, cu, cu_k, causal, lengths, k_lengths), q, k, v, do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = run(lambda a, b, c: attention_in_dtype(a, b, c, cu, causal, cu_k), q64, k64, v64, do.double())
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_own_key_bounds_low_precision_within_2x_reference_error(seed, poison, backend, dtype, causal):
+    lengths, k_lengths = kv_cache_lengths(seed)
+    cu, cu_k = cu_from(lengths), cu_from(k_lengths)
+    q, k, v, do = random_qkv_lengths(seed, lengths, k_lengths, 4, 1, 128, dtype)
+    got = run(lambda a, b, c: attend(backend, a, b, c, cu, cu_k, causal, lengths, k_lengths), q, k, v, do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref64 = run(lambda a, b, c: attention_in_dtype(a, b, c, cu, causal, cu_k), q64, k64, v64, do.double())
+    lowp = run(lambda a, b, c: attention_in_dtype(a, b, c, cu, causal, cu_k), q, k, v, do)
+    for name, g, r, lp in zip(("out", "dq", "dk", "dv"), got, ref64, lowp, strict=True):
+        assert_within_reference_error(g, r, lp, name=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_queries_against_a_cache_equal_the_full_sequences_rows(seed, backend):
+    """Prefilling a cache and then attending with only each sequence's last c queries (c = 1: decoding one
+    token) gives the rows the whole sequence's causal attention gives them."""
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 70) for _ in range(4)] + [1]
+    tails = [1] + [rng.randint(1, n) for n in lengths[1:]]
+    cu, cu_tail = cu_from(lengths), cu_from(tails)
+    q, k, v, _ = (t.detach() for t in random_qkv(seed, sum(lengths), 4, 2, 64, torch.float32))
+    full = varlen_attention(q, k, v, cu, max(lengths), backend=backend)
+    rows = torch.cat([torch.arange(end - c, end) for end, c in zip(cu[1:].tolist(), tails, strict=True)])
+    got = varlen_attention(
+        q[rows], k, v, cu_tail, max(tails), cu_seqlens_k=cu, max_seqlen_k=max(lengths), backend=backend
+    )
+    torch.testing.assert_close(got, full[rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (dict(max_seqlen_k=None), ValueError, "cu_seqlens_k and max_seqlen_k go together"),
+        (dict(cu_seqlens_k=torch.tensor([0, 12], dtype=torch.int32)), ValueError, "one key sequence per"),
+        (
+            dict(cu_seqlens_k=torch.tensor([0, 5, 11], dtype=torch.int32)),
+            ValueError,
+            "end at T = 12 (k.shape",
+        ),
+        (dict(cu_seqlens_k=torch.tensor([0, 5, 12])), TypeError, "cu_seqlens_k must be int32"),
+        (dict(cu_seqlens_k=torch.tensor([0, 13, 12], dtype=torch.int32)), ValueError, "non-decreasing"),
+        (dict(max_seqlen_k=6), ValueError, "max_seqlen_k (6) is smaller than the longest sequence (7)"),
+        (dict(max_seqlen_k=7.0), TypeError, "max_seqlen_k must be an int"),
+        (dict(k=torch.randn(12, 2, 8), v=torch.randn(12, 2, 8)), ValueError, "head_dim"),
+    ],
+)
+def test_own_key_bounds_bad_input(change, error, words):
+    args = _inputs(
+        k=torch.randn(12, 2, 16),
+        v=torch.randn(12, 2, 16),
+        cu_seqlens_k=torch.tensor([0, 5, 12], dtype=torch.int32),
+        max_seqlen_k=7,
+    )
+    args.update(change)
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        varlen_attention(**args)
+    if "cu_seqlens_k" not in change and "max_seqlen_k" not in change:
+        return
+    with pytest.raises(ValueError, match="token count"):  # without its own bounds, k must match q
+        varlen_attention(**{**args, "cu_seqlens_k": None, "max_seqlen_k": None})
 
 
 def test_automatic_choice_on_cpu_is_the_reference(seed):
@@ -465,16 +609,20 @@ def test_position_ids_restart_per_sequence():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("own_keys", [False, True], ids=["shared-bounds", "own-key-bounds"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_torch_compile_fullgraph_forward_and_backward(seed, backend):
-    lengths = random_lengths(seed, n=3, high=40)
-    cu = cu_from(lengths)
-    q, k, v, do = random_qkv(seed, sum(lengths), 4, 2, 32, torch.float32)
-    pos = position_ids_from_cu_seqlens(cu)
+def test_torch_compile_fullgraph_forward_and_backward(seed, backend, own_keys):
+    lengths = k_lengths = random_lengths(seed, n=3, high=40)
+    if own_keys:
+        lengths, k_lengths = kv_cache_lengths(seed, high=40)
+    cu, cu_k = cu_from(lengths), cu_from(k_lengths)
+    q, k, v, do = random_qkv_lengths(seed, lengths, k_lengths, 4, 2, 32, torch.float32)
+    pos, pos_k = position_ids_from_cu_seqlens(cu), position_ids_from_cu_seqlens(cu_k)
+    keys = dict(cu_seqlens_k=cu_k, max_seqlen_k=max(k_lengths)) if own_keys else {}
 
     def layer(q, k, v):
-        q, k = apply_rotary(q, pos, backend=backend), apply_rotary(k, pos, backend=backend)
-        return varlen_attention(q, k, v, cu, max(lengths), backend=backend) * 2.0
+        q, k = apply_rotary(q, pos, backend=backend), apply_rotary(k, pos_k, backend=backend)
+        return varlen_attention(q, k, v, cu, max(lengths), **keys, backend=backend) * 2.0
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     got = run(compiled, q, k, v, do)
@@ -486,12 +634,18 @@ def test_torch_compile_fullgraph_forward_and_backward(seed, backend):
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("own_keys", [False, True], ids=["shared-bounds", "own-key-bounds"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_opcheck(seed, backend):
+def test_opcheck(seed, backend, own_keys):
     lengths = random_lengths(seed, n=2, high=20)
     cu = cu_from(lengths)
     q, k, v, do = random_qkv(seed, sum(lengths), 2, 1, 16, torch.float32)
-    args = (q, k, v, cu, max(lengths), True, 0.25, backend)
+    cu_k, max_k = cu, max(lengths)
+    if own_keys:  # a KV cache 3 tokens longer than each sequence's queries
+        k_lengths = [n + 3 for n in lengths]
+        cu_k, max_k = cu_from(k_lengths), max(k_lengths)
+        k, v = (torch.randn(sum(k_lengths), 1, 16, device=DEVICE, requires_grad=True) for _ in "kv")
+    args = (q, k, v, cu, max(lengths), cu_k, max_k, True, 0.25, backend)
     torch.library.opcheck(torch.ops.sphinx_kernels.varlen_attention_fwd.default, args)
     out, lse = torch.ops.sphinx_kernels.varlen_attention_fwd(*args)
     bwd_args = (
@@ -503,6 +657,8 @@ def test_opcheck(seed, backend):
         lse,
         cu,
         max(lengths),
+        cu_k,
+        max_k,
         True,
         0.25,
         backend,
@@ -543,7 +699,7 @@ def build(kernel, pointers, consts, warps, stages):
 
 for dt, d, causal, prec, bm in (("bf16", 128, True, "tf32", 128), ("fp32", 96, False, "ieee", 64)):
     common = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=128, EVEN_D=d == 128, CAUSAL=causal, DOT_PRECISION=prec)
-    aux = dict(LSE="fp32", DELTA="fp32", CU_SEQLENS="i32", ITEMS="i32")
+    aux = dict(LSE="fp32", DELTA="fp32", CU_SEQLENS="i32", CU_SEQLENS_K="i32", ITEMS="i32")
     ptrs = dict(Q=dt, K=dt, V=dt, O=dt, DO=dt, DQ=dt, DK=dt, DV=dt, **aux)
     build(A._varlen_attention_fwd_kernel, ptrs, dict(NUM_HEADS=32, **common, BLOCK_M=bm, BLOCK_N=64), 8, 3)
     if dt == "fp32":

@@ -10,8 +10,9 @@ flash-attention (``AttentionMaskInterface``: no mask, or the 2-D padding mask), 
 varlen kernel without padding: a padded batch is unpadded with the mask (left or right padding alike), a
 packed batch from ``DataCollatorWithFlattening`` (batch of 1, position ids restarting per sequence, or its
 ``cu_seq_lens_q`` kwargs) is split at the restarts, as transformers' own flash-attention path does.
-Decoding with a KV cache (queries shorter than keys) runs PyTorch SDPA with the bottom-right causal mask:
-the varlen kernel takes one ``cu_seqlens`` for queries and keys.
+Decoding with a KV cache (queries shorter than keys) stays on PyTorch SDPA with the bottom-right causal
+mask, one batched call over the padded cache (``varlen_attention`` with ``cu_seqlens_k`` computes the same
+on packed caches; this path has not been measured against it on a GPU yet).
 
 Experts: "sphinx" in ``ExpertsInterface`` runs gated experts (Mixtral, Qwen-MoE, ...) on our permutation
 and grouped SwiGLU GEMMs (`sphinx_kernels.moe_experts`) straight on the checkpoint's weight layout; layouts
