@@ -235,6 +235,21 @@ def _attention_demo(lengths: list[int], args: argparse.Namespace, dtype, device,
     for name, s in seconds.items():
         print(f"  {name} is {sdpa / s:.2f}x padded SDPA")
 
+    # Serving: each sample's last token again, as one decoding step against its cached keys (the keys get
+    # their own boundaries); it must reproduce the last row of each sample's full causal attention.
+    with torch.no_grad():
+        last = packed.cu_seqlens[1:].to(device) - 1
+        one_each = torch.arange(len(lengths) + 1, dtype=torch.int32, device=device)
+        decode = lambda: sk.varlen_attention(  # noqa: E731
+            q[last], k, v, one_each, 1, cu_seqlens_k=cu_seqlens, max_seqlen_k=max_seqlen
+        )
+        error = (decode().double() - sk.varlen_attention(q, k, v, cu_seqlens, max_seqlen)[last]).abs().max()
+        print(
+            f"  decoding: one new query per sample ({len(lengths)}) against the packed KV cache ({total} tokens) "
+            f"{_median_seconds(decode, args.repeats) * 1e3:.2f} ms, max |diff| vs the full pass's last rows "
+            f"{error.item():.1e}"
+        )
+
 
 def _moe_demo(total: int, args: argparse.Namespace, dtype, device, gen) -> None:
     d, f, experts, top_k = args.model_dim, args.ffn_dim, args.experts, args.top_k

@@ -47,6 +47,10 @@ def test_kernels_demo_runs_every_backend_here_against_float64(capsys):
     assert f"T {sum(first_bin)}," in attention and f"T {sum(first_bin)}," in moe
     rope_error = float(re.search(r"RoPE .*max \|diff\| vs float64 (\S+)", head)[1])
     assert rope_error < 1e-5
+    decode_error = float(
+        re.search(r"decoding: .*max \|diff\| vs the full pass's last rows (\S+)", attention)[1]
+    )
+    assert decode_error < 1e-5
 
     attention_rows, moe_rows = backend_rows(attention), backend_rows(moe)
     assert set(attention_rows) == {"triton", "torch"}, attention
