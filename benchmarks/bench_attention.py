@@ -17,6 +17,10 @@ mask a padded pipeline passes (``padded_sdpa(mask)``, Hugging Face's 4-D mask); 
 automatic choice on CPU): the same CPU flash kernels per sequence, but inside one registered op whose backward
 writes packed gradients directly and repeats k/v per q head (so it is not the per-sequence loop's autograd).
 
+Decode (CPU and GPU): one new query per sequence against its cached keys (Hq 32, Hkv 8, D 128), our packed
+cache with ``cu_seqlens_k`` against one batched SDPA over the right-padded cache with a key-padding mask; the
+rate is K/V bytes read per second.
+
 GPU (when CUDA is present): TFLOP/s forward and forward+backward, causal, d=128, bf16, 16k tokens, for one
 long sequence and for a skewed mix (one 8k document and many short ones): ``triton`` vs padded SDPA vs
 ``flex_attention`` with a document mask vs ``flash_attn`` (when importable). FLOPs counted as flash-attn
@@ -128,12 +132,8 @@ def step_fns(lengths, q, k, v, do, device, backward: bool):
         return fns
     fns["sphinx_kernels(triton)"] = packed("triton")
     fns.update(_flex(lengths, q, k, v, do, backward))
-    try:
-        import flash_attn  # noqa: F401
-
+    if _has_flash_attn():
         fns["flash_attn"] = packed("flash_attn")
-    except ImportError:
-        pass
     return fns
 
 
@@ -186,13 +186,61 @@ def measure(case, lengths, heads, kv_heads, head_dim, dtype, device, repeats, ba
     return rows
 
 
+def decode_rows(case, lengths, dtype, device, repeats, heads=32, kv_heads=8, head_dim=128) -> list[Row]:
+    """One decoding step: a new query per sequence against its cached keys, the cache packed (ours, with
+    `cu_seqlens_k`) or right-padded with a key-padding mask (the padded peer; its cache is laid out outside the
+    timed region, as a padded KV cache holds it). Memory-bound: the rate is K/V bytes read per second."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    k, v = (
+        torch.randn(sum(lengths), kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+        for _ in "kv"
+    )
+    cu_k, one_each = cu_seqlens_of(lengths, device), cu_seqlens_of([1] * len(lengths), device)
+    kp, vp = padded(k, lengths), padded(v, lengths)
+    keys_ok = (
+        torch.arange(max(lengths), device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    )
+    mask = keys_ok[:, None, None, :]
+    fns = {
+        "padded_sdpa": lambda: F.scaled_dot_product_attention(
+            q[:, :, None], kp, vp, attn_mask=mask, enable_gqa=True
+        )
+    }
+    names = ["torch"] if device == "cpu" else ["triton"] + (["flash_attn"] if _has_flash_attn() else [])
+    for name in names:
+        fns[f"sphinx_kernels({name})"] = lambda name=name: varlen_attention(
+            q, k, v, one_each, 1, cu_seqlens_k=cu_k, max_seqlen_k=max(lengths), backend=name
+        )
+    with torch.no_grad():
+        medians = round_robin_medians(fns, repeats, device)
+    shape = (
+        f"B={len(lengths)} cache T={sum(lengths)} Lmax={max(lengths)} Hq={heads} Hkv={kv_heads} D={head_dim} "
+        f"{str(dtype).removeprefix('torch.')} 1 query per sequence"
+    )
+    kv_bytes = 2 * k.numel() * k.element_size()
+    return [
+        Row("attention", case, name, shape, sec, kv_bytes / sec / 1e9, "GB/s", note="K/V bytes read")
+        for name, sec in medians.items()
+    ]
+
+
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def cpu_rows(args) -> list[Row]:
     rng = random.Random(args.seed)
     lengths = [rng.randint(300, 3000) for _ in range(args.sequences)]
     case = "cpu multimodal mix 300..3000"
-    return measure(
+    rows = measure(
         case, lengths, args.heads, args.kv_heads, args.head_dim, torch.float32, "cpu", args.repeats, True
     )
+    return rows + decode_rows("cpu decode, caches 300..3000", lengths, torch.float32, "cpu", 3 * args.repeats)
 
 
 def gpu_rows(args) -> list[Row]:
@@ -215,7 +263,8 @@ def gpu_rows(args) -> list[Row]:
                 args.repeats,
                 backward,
             )
-    return rows
+    caches = [rng.randint(256, 8192) for _ in range(32)]
+    return rows + decode_rows("gpu decode, 32 caches 256..8192", caches, torch.bfloat16, "cuda", args.repeats)
 
 
 def main() -> None:

@@ -282,6 +282,13 @@ def _heads_first(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return x[start:end].transpose(0, 1).unsqueeze(0)
 
 
+def _query_group_rows(x: torch.Tensor, row: int, kv_heads: int) -> torch.Tensor:
+    """Row `row` of a packed ``(T, Hq, D)`` tensor as ``(1, Hkv, Hq/Hkv, D)``: one query's heads that share a k/v
+    head become that head's query rows. For a single query (decoding) this is the same attention, and the CPU
+    kernel reads each k/v head once instead of once per q head (2.2x faster at Hq 32, Hkv 8, D 128)."""
+    return x[row].reshape(kv_heads, -1, x.shape[-1]).unsqueeze(0)
+
+
 def _cpu_sequences(cu_seqlens, cu_seqlens_k, causal, dtype, device):
     """Per sequence: ``(q_start, q_end, blind, k_start, k_end, is_causal, mask)`` for PyTorch's CPU flash
     kernels, which take the rows from ``q_start + blind`` on (the others see no key); `mask` an additive
@@ -305,12 +312,26 @@ def _cpu_flash_forward(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale) -> tupl
     lse = q.new_empty(
         (q.shape[1], q.shape[0]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32
     )
+    kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
     for qs, qe, blind, ks, ke, is_causal, mask in _cpu_sequences(
         cu_seqlens, cu_seqlens_k, causal, q.dtype, q.device
     ):
         out[qs : qs + blind] = 0
         lse[:, qs : qs + blind] = float("inf")
         if qs + blind == qe:
+            continue
+        if qe - qs - blind == 1 and group > 1:  # one query, which sees every key
+            a = qs + blind
+            o, seq_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _query_group_rows(q, a, kv_heads),
+                _heads_first(k, ks, ke),
+                _heads_first(v, ks, ke),
+                0.0,
+                False,
+                scale=scale,
+            )
+            out[a] = o[0].reshape(out.shape[1:])
+            lse[:, a] = seq_lse[0].reshape(-1)
             continue
         o, seq_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _heads_first(q, qs + blind, qe),
@@ -341,6 +362,22 @@ def _cpu_flash_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, causa
             continue
         a = qs + blind
         kh, vh = _heads_first(k, ks, ke), _heads_first(v, ks, ke)
+        if qe - a == 1 and group > 1:  # one query: its heads as rows of their k/v head, as in the forward
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _query_group_rows(dout, a, kv_heads),
+                _query_group_rows(q, a, kv_heads),
+                kh,
+                vh,
+                _query_group_rows(out, a, kv_heads),
+                lse[:, a].reshape(1, kv_heads, group),
+                0.0,
+                False,
+                scale=scale,
+            )
+            dq[a] = gq[0].reshape(dq.shape[1:])
+            dk[ks:ke] = gk[0].transpose(0, 1)
+            dv[ks:ke] = gv[0].transpose(0, 1)
+            continue
         if group > 1:
             # The CPU kernel's own grouped-query backward runs one thread per k/v head (1.4x slower on 2
             # threads with one k/v head); with k/v repeated per q head it spreads over all q heads.
