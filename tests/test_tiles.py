@@ -146,7 +146,10 @@ def canvas_views(image, canvas, grid, mean, std):
 
 @pytest.mark.parametrize("canvas, grid", [(448, 2), (672, 3)])
 def test_reference_matches_explicit_canvas(seed, canvas, grid):
-    sizes = [(479, 641), (1, 500), (60, 100), (300, 900)] + random_sizes(seed, 2)
+    # The explicit canvas resizes with F.interpolate, wrong for one-pixel-wide outputs on the CPU: random
+    # sizes giving such a view (470x3 -> global view 224x1) are left to the test after this one.
+    wide_enough = [hw for hw in random_sizes(seed, 40) if expected_resized(*hw, canvas // grid)[1] > 1]
+    sizes = [(479, 641), (1, 500), (60, 100), (300, 900)] + wide_enough[:2]
     images = random_images(sizes, seed)
     views = tile_gather_ref(images, canvas, grid, dtype=torch.float64)
     expected = torch.cat([canvas_views(img, canvas, grid, CLIP_MEAN, CLIP_STD) for img in images])
