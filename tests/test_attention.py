@@ -246,7 +246,10 @@ def test_torch_backend_is_the_reference(seed):
 def test_torch_backend_on_cpu_against_plain_ops_in_float64(seed, poison, dtype, heads, causal):
     """The CPU path (PyTorch's CPU flash kernels per sequence, forward and backward, k/v repeated per q head
     in the backward) against attention written with plain ops in float64, on strided views of one fused
-    projection with empty and length-1 sequences; low precision within twice the plain ops' own error."""
+    projection with empty and length-1 sequences. Low precision: within twice the error of PyTorch's own
+    reference in that dtype, per-sequence SDPA with autograd (DESIGN's rule). Not plain ops in fp16: PyTorch's
+    CPU SDPA backward itself is up to 2.5x their error (seed 2034520924, fp16: 4.2e-3 against 1.7e-3), so
+    the kernel this path shares with it cannot be held to 2x of them."""
     lengths = [*random_lengths(seed, n=5), 0]
     cu = cu_from(lengths, device="cpu")
     hq, hkv = heads
@@ -267,7 +270,7 @@ def test_torch_backend_on_cpu_against_plain_ops_in_float64(seed, poison, dtype, 
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
     else:
         lowp = qkv.detach().clone().requires_grad_()
-        ref_lowp = attention_in_dtype(*split(lowp), cu, causal)
+        ref_lowp = varlen_attention_ref(*split(lowp), cu, causal=causal)
         (ref_lowp_grad,) = torch.autograd.grad(ref_lowp, lowp, do)
         assert_within_reference_error(out, ref, ref_lowp, name="out")
         assert_within_reference_error(grad, ref_grad, ref_lowp_grad, name="grad")
