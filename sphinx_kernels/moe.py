@@ -1350,6 +1350,7 @@ def moe_experts(
 def _routed_experts(x, ids, weights, w1, w3, w2, chosen) -> tuple[torch.Tensor, torch.Tensor]:
     """Permute, SwiGLU experts, weighted unpermute on a kernel backend; returns ``(out, offsets)``."""
     x_sorted, row_map, offsets = _permute_op(x.contiguous(), ids, w1.shape[0], _permute_backend(chosen))
-    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))
+    leaves = (x, w1, w2) if w3 is None else (x, w1, w3, w2)
+    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
     y_sorted, _, _, _ = _moe_experts_op(x_sorted, w1, w3, w2, offsets, chosen, save_pre)
     return _unpermute_op(y_sorted, row_map, weights, _permute_backend(chosen)), offsets

@@ -275,6 +275,11 @@ def test_moe_experts_fused_gate_up_weight(backend, layout):
             gr.double(), g64, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}"
         )
     assert (grads[2][4] == 0).all(), "the unused expert got a gradient"
+    # Inference with frozen weights, autograd on (nothing requires grad): the same forward.
+    frozen = moe.moe_experts(
+        x, ids, weights, stored.transpose(1, 2) if linear else stored, None, w2, backend=backend
+    )
+    torch.testing.assert_close(frozen.double(), ref64, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="w1 with w3=None is the fused gate.up weight"):
         moe.moe_experts(x, ids, weights, fused[..., 1:], None, w2, backend=backend)
 
