@@ -11,8 +11,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -21,6 +19,18 @@
 #include <vector>
 
 #include "moe.h"
+
+// x86-64: SwiGLU loops cloned for AVX-512 and AVX2 (chosen at run time; the baseline has 4-wide SSE2 only) and
+// float16 staged through F16C. Other CPUs (aarch64 hosts, or -DSPHINX_KERNELS_PORTABLE): the same loops as the
+// compiler vectorises them for its baseline, float16 converted by c10::Half.
+#if defined(__x86_64__) && !defined(SPHINX_KERNELS_PORTABLE)
+#include <immintrin.h>
+#define SPHINX_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#define SPHINX_X86_F16C 1
+#else
+#define SPHINX_SIMD_CLONES
+#define SPHINX_X86_F16C 0
+#endif
 
 namespace sphinx_kernels {
 
@@ -81,9 +91,8 @@ static inline double exp_neg(double x) { return std::exp(-x); }
 template <typename scalar_t>
 using op_t = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
 
-// Cloned for AVX-512 and AVX2 (chosen at run time): the x86-64 baseline has 4-wide SSE2 only.
 template <typename scalar_t>
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void swiglu_forward_kernel(
+SPHINX_SIMD_CLONES void swiglu_forward_kernel(
     const scalar_t* __restrict a1, const scalar_t* __restrict a3, scalar_t* __restrict h, int64_t n) {
   using acc_t = op_t<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
@@ -96,7 +105,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void swiglu_
 // and h = silu(a1) * a3 again, nearly free here, so the forward need not keep h for w2's gradient. Distinct
 // restrict pointers: with six possibly aliased ones GCC gives up vectorising (too many overlap checks).
 template <typename scalar_t>
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void swiglu_backward_kernel(
+SPHINX_SIMD_CLONES void swiglu_backward_kernel(
     scalar_t* __restrict dh_da1, const scalar_t* __restrict a1, const scalar_t* __restrict a3,
     scalar_t* __restrict da3, scalar_t* __restrict h, int64_t n) {
   using acc_t = op_t<scalar_t>;
@@ -114,6 +123,7 @@ __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void swiglu_
 // float16 through float tiles: c10::Half converts in software (bit manipulation), which made the fp16 passes
 // 12x slower than PyTorch's; F16C (every x86-64-v3 CPU) converts 8 values per instruction, round to nearest
 // even like c10::Half, so the results are the same bits.
+#if SPHINX_X86_F16C
 bool has_f16c() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return yes;
@@ -135,6 +145,11 @@ __attribute__((target("avx2,f16c"))) void float_to_half(const float* src, c10::H
   }
   for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
+#else
+bool has_f16c() { return false; }
+void half_to_float(const c10::Half*, float*, int64_t) {}  // never called: has_f16c() is false
+void float_to_half(const float*, c10::Half*, int64_t) {}
+#endif
 
 constexpr int64_t kHalfTile = 512;  // floats per staged operand: 5 of them stay in L1
 

@@ -74,11 +74,12 @@ def tiles(args: argparse.Namespace) -> int:
     print(f"canvas {args.canvas}, grid {args.grid}x{args.grid}, tile {plan.tile}; {plan.num_images} images\n")
     print(f"{'image':<32} {'H x W':>11} {'resized':>9}  tiles kept  views  LLM positions (no skip)")
     full_views = args.grid * args.grid + 1
+    kept, visual = plan.kept, plan.visual_tokens(TOKENS_PER_VIEW)  # each built from the plan on access
     for i, path in enumerate(paths):
         (h, w), (rh, rw) = plan.sizes[i], plan.resized_sizes[i]
-        tokens = plan.visual_tokens(TOKENS_PER_VIEW)[i]
+        tokens = visual[i]
         print(
-            f"{path.name[:32]:<32} {h:>5}x{w:<5} {rh:>4}x{rw:<4}  {_grid_picture(plan.kept[i]):<10}  "
+            f"{path.name[:32]:<32} {h:>5}x{w:<5} {rh:>4}x{rw:<4}  {_grid_picture(kept[i]):<10}  "
             f"{plan.views_per_image[i]:>5}  {tokens:>6} ({full_views * (TOKENS_PER_VIEW + 2)})"
         )
     n_tiles = plan.num_images * args.grid * args.grid
@@ -86,7 +87,7 @@ def tiles(args: argparse.Namespace) -> int:
     print(
         f"\nskipped {plan.num_skipped}/{n_tiles} tiles: {saved} fewer encoder passes "
         f"({saved / (plan.num_images * full_views):.0%}), "
-        f"{plan.num_images * full_views * (TOKENS_PER_VIEW + 2) - sum(plan.visual_tokens(TOKENS_PER_VIEW))} "
+        f"{plan.num_images * full_views * (TOKENS_PER_VIEW + 2) - sum(visual)} "
         f"fewer LLM positions\n"
     )
 
