@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sphinx_kernels import _backend
+from sphinx_kernels._common import common_device, on_device
 from sphinx_kernels._triton import tl, triton
 
 __all__ = [
@@ -446,9 +447,10 @@ def _tile_gather_triton(
     # view, because there each tap iteration costs the same whatever the block size.
     block_y = triton.next_power_of_2(tile) if _backend.triton_interpreting() else max(1, 2048 // block_x)
     grid = (num_views, triton.cdiv(tile, block_y))
-    _tile_gather_fwd_kernel[grid](
-        data, view_table, out, *scale, *shift, TILE=tile, BLOCK_Y=block_y, BLOCK_X=block_x
-    )
+    with on_device(data):  # the inputs' GPU, not the current one
+        _tile_gather_fwd_kernel[grid](
+            data, view_table, out, *scale, *shift, TILE=tile, BLOCK_Y=block_y, BLOCK_X=block_x
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -465,6 +467,7 @@ def _tile_gather_op(
     backend: str,
     out: torch.Tensor,
 ) -> None:
+    common_device(data=data, view_table=view_table, out=out)
     if backend == "triton":
         _tile_gather_triton(data, view_table, scale, shift, out)
     elif backend in ("cpu", "cuda"):
@@ -527,6 +530,7 @@ def tile_gather(
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        common_device(images=batch.data, out=out)
         if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
             raise ValueError(
                 f"out must be a contiguous {shape} {dtype} tensor on {device}, got "

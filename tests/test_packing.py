@@ -1,6 +1,5 @@
 """Packing: pack_sequences / unpack round trips, positions and boundaries, first-fit-decreasing bins."""
 
-import logging
 import random
 
 import pytest
@@ -9,15 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sphinx_kernels import PackedBatch, pack_bins, pack_sequences, unpack
-
-logger = logging.getLogger(__name__)
-
-
-@pytest.fixture
-def seed():
-    value = random.SystemRandom().randrange(2**31)
-    logger.warning("seed = %d", value)
-    return value
 
 
 @pytest.mark.parametrize("trailing", [(), (3,), (2, 5)])
