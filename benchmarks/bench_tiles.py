@@ -1,13 +1,15 @@
 """Skip-token tile gathering: our backends vs the PyTorch reference and torchvision.transforms.v2.
 
-    python benchmarks/bench_tiles.py [--images 32] [--canvas 448 --grid 2] [--repeats 10]
+    python benchmarks/bench_tiles.py [--images 32] [--canvas 448 --grid 2] [--rounds 10] [--threads 1,2]
     pytest benchmarks/bench_tiles.py --benchmark-only      # the same workload under pytest-benchmark
 
 CPU: a realistic mix of photo sizes (640x480 .. 1920x1080, portrait and 3:1 panoramas among them) to bf16
-views; median of repeated runs; ratios against the torch reference and against torchvision v2 doing the
-same resize (antialias) / normalise / pad / crop on uint8 tensors (the fastest CPU peer we found).
+views; the candidates take turns (harness.round_robin_medians), so load from other processes hits them
+alike; medians and ratios against the torch reference and against torchvision v2 doing the same resize
+(antialias) / normalise / pad / crop on uint8 tensors (the fastest CPU peer we found), all in one run.
+`--threads` repeats the CPU run at each intra-op thread count (all candidates use PyTorch's thread pool).
 GPU (when present): achieved GB/s (uint8 read + views written) of the cuda and triton backends against the
-device's copy bandwidth measured in the same run.
+device's copy bandwidth measured in the same run (do_bench medians).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Row, median_seconds, print_table, write_rows  # noqa: E402
+from harness import Row, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
 
 from sphinx_kernels import CLIP_MEAN, CLIP_STD, backends, plan_tiles, tile_gather  # noqa: E402
 
@@ -81,15 +83,15 @@ def copy_bandwidth(nbytes: int, device: str) -> float:
     return 2 * nbytes / median_seconds(lambda: dst.copy_(src), device) / 1e9
 
 
-def run(n_images: int, canvas: int, grid: int, repeats: int, device: str) -> list[Row]:
+def run(n_images: int, canvas: int, grid: int, rounds: int, device: str) -> list[Row]:
     images = make_images(n_images, device)
     dtype = torch.bfloat16
     plan = plan_tiles([img.shape[:2] for img in images], canvas, grid)
     bytes_in = sum(img.numel() for img in images)
     bytes_out = plan.num_views * 3 * plan.tile**2 * dtype.itemsize
     shape = f"{n_images} imgs, canvas {canvas}, grid {grid}, {plan.num_views} views, bf16"
-    case = f"tile_gather {device}"
-    rows = []
+    threads = torch.get_num_threads()
+    case = f"tile_gather {device}" + (f" {threads} threads" if device == "cpu" else "")
 
     candidates = {"torch": lambda: tile_gather(images, canvas, grid, dtype=dtype, backend="torch")}
     for name in ("cpu",) if device == "cpu" else ("cuda", "triton"):
@@ -97,15 +99,22 @@ def run(n_images: int, canvas: int, grid: int, repeats: int, device: str) -> lis
             candidates[name] = lambda name=name: tile_gather(images, canvas, grid, dtype=dtype, backend=name)
     if device == "cpu":
         candidates["torchvision.v2"] = lambda: torchvision_peer(images, canvas, grid, dtype)
+        timings = round_robin_medians(candidates, rounds, device)
+        ceiling = ""
+    else:
+        timings = {name: median_seconds(fn, device) for name, fn in candidates.items()}
+        ceiling = round(copy_bandwidth(bytes_in + bytes_out, device), 1)
 
-    ceiling = copy_bandwidth(bytes_in + bytes_out, device) if device == "cuda" else ""
-    for name, fn in candidates.items():
-        seconds = median_seconds(fn, device, repeats=repeats)
+    rows = []
+    for name, seconds in timings.items():
         gbps = (bytes_in + bytes_out) / seconds / 1e9
-        note = f"{plan.num_views / seconds:.0f} views/s"
-        rows.append(
-            Row("tiles", case, name, shape, seconds, gbps, "GB/s", ceiling and round(ceiling, 1), note)
-        )
+        ratios = [
+            f"{timings[peer] / seconds:.2f}x {peer}"
+            for peer in ("torchvision.v2", "torch")
+            if peer in timings
+        ]
+        note = ", ".join([f"{plan.num_views / seconds:.0f} views/s", *ratios])
+        rows.append(Row("tiles", case, name, shape, seconds, gbps, "GB/s", ceiling, note))
     return rows
 
 
@@ -129,19 +138,25 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--canvas", type=int, default=448)
     parser.add_argument("--grid", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10, help="CPU: runs of each candidate, taking turns")
+    parser.add_argument(
+        "--threads", default="", help="CPU: comma-separated thread counts to run at (default: PyTorch's)"
+    )
+    parser.add_argument("--no-gpu", action="store_true", help="CPU rows only")
     args = parser.parse_args()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    for device in devices:
-        rows += run(args.images, args.canvas, args.grid, args.repeats, device)
-    print_table([r for r in rows if r.case.endswith("cpu")], baseline="torch")
-    print_table([r for r in rows if r.case.endswith("cpu")], baseline="torchvision.v2")
-    if "cuda" in devices:
-        print_table([r for r in rows if r.case.endswith("cuda")], baseline="torch")
-        for r in rows:
-            if r.case.endswith("cuda") and r.backend != "torch":
+    for threads in [int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        cpu = run(args.images, args.canvas, args.grid, args.rounds, "cpu")
+        print_table(cpu, baseline="torchvision.v2")
+        rows += cpu
+    if torch.cuda.is_available() and not args.no_gpu:
+        gpu = run(args.images, args.canvas, args.grid, args.rounds, "cuda")
+        print_table(gpu, baseline="torch")
+        for r in gpu:
+            if r.backend != "torch":
                 print(f"  {r.backend}: {r.rate / r.ceiling:.0%} of the copy ceiling ({r.ceiling} GB/s)")
+        rows += gpu
     report_skipping(args.images, args.canvas, args.grid)
     print(f"\nrows appended to {write_rows(rows, 'tiles')}")
 

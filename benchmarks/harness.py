@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
+import os
 import platform
 import statistics
 import time
@@ -20,22 +22,55 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name and widest x86 vector ISA (from /proc/cpuinfo where there is one): the same
+    kernel runs ~2x apart on AVX2 and AVX-512 machines, so a figure without it cannot be compared."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{name} ({isa})" if isa else name
+
+
+def cpu_cores() -> int:
+    """CPUs this process may run on (its affinity mask: a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def environment() -> dict[str, str]:
+    """What a figure depends on, recorded in every row: device, CPU model and cores (also for GPU rows: the
+    host feeds the GPU), threads, GPU model, date (UTC), torch and triton versions."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    threads = torch.get_num_threads()
+    device = gpu or f"cpu {platform.processor() or platform.machine()} x{threads} threads"
     return {
         "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
         "triton": triton_version,
+        "cpu": cpu_model(),
+        "cores": str(cpu_cores()),
+        "threads": str(threads),
+        "gpu": gpu,
     }
 
 
@@ -99,13 +134,25 @@ class Row:
 
 
 def write_rows(rows: list[Row], name: str) -> Path:
-    """Append rows to benchmarks/results/<name>.csv (header written once)."""
+    """Append rows to benchmarks/results/<name>.csv (header written once). A file written before a column was
+    added is rewritten once with the union of the columns, its old rows blank in the new ones."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.csv"
     flat = [r.flat() for r in rows]
+    fields = list(flat[0])
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields, old_rows = list(reader.fieldnames or []), list(reader)
+        if old_fields != fields:
+            fields = old_fields + [k for k in fields if k not in old_fields]
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields, restval="")
+                writer.writeheader()
+                writer.writerows(old_rows)
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerows(flat)
