@@ -1,0 +1,182 @@
+"""benchmarks/report.py: the README's Measured table generated from the CSVs alone, rewritten between its
+markers and nowhere else."""
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+FIELDS = (
+    "device,date,torch,triton,family,case,backend,shape,seconds,rate,unit,ceiling,note,cpu,cores,threads,gpu"
+)
+README = """# project
+
+Intro text | with a pipe.
+
+## Measured
+
+<!-- measured:begin -->
+| a hand-written 9.9x that no CSV holds |
+<!-- measured:end -->
+
+## Layout
+tail text
+"""
+
+
+def write_csv(path, rows):
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS.split(","), restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def row(
+    backend,
+    seconds,
+    *,
+    date="2026-12-02 21:00",
+    case="tile_gather cpu 2 threads",
+    cpu="Test CPU (AVX2)",
+    **kw,
+):
+    return {
+        "device": "cpu x86_64 x2 threads",
+        "date": date,
+        "torch": "2.14.1",
+        "triton": "3.8.0",
+        "family": "tiles",
+        "case": case,
+        "backend": backend,
+        "shape": "32 imgs, bf16",
+        "seconds": seconds,
+        "rate": "1.0",
+        "unit": "GB/s",
+        "cpu": cpu,
+        "cores": "7" if cpu else "",
+        "threads": "2" if cpu else "",
+        **kw,
+    }
+
+
+def run_report(tmp_path, *args):
+    return subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--results",
+            str(tmp_path / "results"),
+            "--readme",
+            str(tmp_path / "README.md"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def block(text):
+    return text.split("<!-- measured:begin -->")[1].split("<!-- measured:end -->")[0]
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "README.md").write_text(README)
+    return tmp_path
+
+
+def test_table_comes_from_the_csvs_only(project):
+    results = project / "results"
+    write_csv(
+        results / "tiles.csv",
+        [
+            # An older run whose CPU was not recorded: superseded by the recorded run of the same case.
+            row("cpu", "0.5", date="2026-11-28 12:22", case="tile_gather cpu", cpu=""),
+            row("torchvision.v2", "0.9", date="2026-11-28 12:22", case="tile_gather cpu", cpu=""),
+            row("torch", "0.400"),
+            row("cpu", "0.050"),
+            row("torchvision.v2", "0.125"),
+        ],
+    )
+    write_csv(
+        results / "newfam.csv",
+        [row("alpha", "0.002", family="newfam", case="c1"), row("beta", "0.001", family="newfam", case="c1")],
+    )
+    result = run_report(project)
+    assert result.returncode == 0, result.stderr
+    text = (project / "README.md").read_text()
+    table = block(text)
+    # Outside the markers nothing changed.
+    assert text.replace(table, "") == README.replace(block(README), "")
+    assert "9.9x" not in table
+    lines = [line for line in table.splitlines() if line.startswith("| `python")]
+    assert len(lines) == 2, table
+    tiles = next(line for line in lines if "bench_tiles" in line)
+    # Ratios of rows of the same run (0.125/0.050, 0.400/0.050), machine, cores, threads, date, versions.
+    for expected in (
+        "`cpu` 50 ms",
+        "**2.50x** torchvision.v2",
+        "8.00x torch",
+        "Test CPU (AVX2), 7 cores, 2 threads",
+    ):
+        assert expected in tiles, tiles
+    assert "2026-12-02 21:00" in tiles and "torch 2.14.1, triton 3.8.0" in tiles
+    assert "1.80x" not in table and "not recorded" not in table  # the old run is not shown
+    # A family the script has no entry for still gets its rows: every backend's time, fastest first.
+    assert "`beta` 1 ms; `alpha` 2 ms" in next(line for line in lines if "bench_newfam" in line)
+    # Every number in the table is in a CSV or is a ratio of two of them.
+    csv_text = "".join(p.read_text() for p in results.glob("*.csv"))
+    for number in re.findall(r"\d+\.\d+x", table):
+        assert number in {"2.50x", "8.00x"}, number
+    assert "2026-12-02 21:00" in csv_text
+    report = (results / "REPORT.md").read_text()
+    assert "2026-11-28 12:22" in report  # the old run stays traceable in the full report
+    # Idempotent, and --check agrees.
+    assert run_report(project).returncode == 0
+    assert (project / "README.md").read_text() == text
+    assert run_report(project, "--check").returncode == 0
+
+
+def test_unrecorded_machine_is_labelled_while_nothing_better_exists(project):
+    write_csv(
+        project / "results" / "tiles.csv",
+        [
+            row("cpu", "0.5", case="tile_gather cpu", cpu=""),
+            row("torch", "1.0", case="tile_gather cpu", cpu=""),
+        ],
+    )
+    assert run_report(project).returncode == 0
+    table = block((project / "README.md").read_text())
+    assert "CPU model not recorded, 2 threads" in table and "**2.00x** torch" in table
+
+
+def test_check_and_missing_markers(project):
+    write_csv(project / "results" / "tiles.csv", [row("cpu", "0.05"), row("torch", "0.1")])
+    result = run_report(project, "--check")
+    assert result.returncode == 1 and "out of date" in result.stderr
+    assert (project / "README.md").read_text() == README
+    (project / "README.md").write_text("# no markers\n")
+    result = run_report(project)
+    assert result.returncode == 1 and "measured:begin" in result.stderr
+    assert (project / "README.md").read_text() == "# no markers\n"
+
+
+def test_runs_split_where_a_backend_repeats(project):
+    write_csv(
+        project / "results" / "tiles.csv",
+        [
+            row("cpu", "0.2", date="2026-12-01 10:00"),
+            row("torch", "0.4", date="2026-12-01 10:00"),
+            row("cpu", "0.1", date="2026-12-01 10:01"),
+            row("torch", "0.4", date="2026-12-01 10:01"),
+        ],
+    )
+    assert run_report(project).returncode == 0
+    table = block((project / "README.md").read_text())
+    assert "**4.00x** torch" in table and "2.00x" not in table
