@@ -107,6 +107,11 @@ def _status(name: str) -> BackendStatus:
         if hasattr(torch, "_grouped_mm"):
             return BackendStatus(name, True, "torch._grouped_mm")
         return BackendStatus(name, False, f"torch {torch.__version__} has no torch._grouped_mm")
+    if name == "megablocks" and _peer_importable("megablocks") and not _peer_importable("grouped_gemm"):
+        # megablocks imports without it (a warning), but its grouped GEMM is grouped_gemm's.
+        return BackendStatus(
+            name, False, "megablocks installed without grouped_gemm (pip install grouped_gemm)"
+        )
     if name in ("flash_attn", "megablocks"):
         if not _peer_importable(name):
             return BackendStatus(name, False, f"{name} is not installed (optional peer, needs a GPU build)")
