@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sphinx_kernels._common import IdentityCache, common_device
+from sphinx_kernels._common import IdentityCache, common_device, on_device
 from sphinx_kernels.moe.gemm_kernels import PLAIN, launch_grouped_dw, launch_grouped_mm
 from sphinx_kernels.moe.reference import group_bounds, grouped_mm_dw_ref, grouped_mm_ref
 from sphinx_kernels.moe.validation import ENGINES, FLOAT_DTYPES, check_offsets, check_tensor, select
@@ -84,15 +84,19 @@ def _grouped_gemm_backend():
 
 
 def _megablocks_gmm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    backend = _grouped_gemm_backend()
-    if b.dim() == 3 and b.transpose(1, 2).is_contiguous():  # a transposed view ((E, N, K) storage): trans_b
-        return backend.gmm(a.contiguous(), b.transpose(1, 2), _batch_sizes(offsets), trans_b=True)
-    return backend.gmm(a.contiguous(), b.contiguous(), _batch_sizes(offsets))
+    backend, sizes = _grouped_gemm_backend(), _batch_sizes(offsets)
+    # grouped_gemm launches on the current device and stream (no device guard of its own).
+    with on_device(a):
+        if b.transpose(1, 2).is_contiguous():  # a transposed view ((E, N, K) storage): its trans_b, no copy
+            return backend.gmm(a.contiguous(), b.transpose(1, 2), sizes, trans_b=True)
+        return backend.gmm(a.contiguous(), b.contiguous(), sizes)
 
 
 def _megablocks_gmm_dw(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """out[e] = a[rows of e].T @ b[rows of e]: grouped_gemm's variable-K form (``trans_a=True``)."""
-    return _grouped_gemm_backend().gmm(a.contiguous(), b.contiguous(), _batch_sizes(offsets), trans_a=True)
+    backend, sizes = _grouped_gemm_backend(), _batch_sizes(offsets)
+    with on_device(a):
+        return backend.gmm(a.contiguous(), b.contiguous(), sizes, trans_a=True)
 
 
 def _mm_loop(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
