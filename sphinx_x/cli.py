@@ -10,11 +10,26 @@ sphinx-x kernels [IMAGES...] [--samples 24 --budget 4096]
     most `budget` tokens; then RoPE, varlen attention and a top-2-of-8 SwiGLU MoE layer on the first bin,
     forward + backward on every backend that runs here, each against a float64 reference, and padded SDPA
     on the same bin beside them.
+
+sphinx-x make-demo-data DIR
+    Write the demo set (shapes on images of varied aspect ratios, multi-turn questions, text-only
+    conversations, a held-out split) into DIR.
+
+sphinx-x train --config FILE [key=value ...] [--out DIR] [--max-steps N] [--resume]
+    One-stage training (also under torchrun: FSDP2 over the ranks); see configs/*.yaml for the keys.
+
+sphinx-x chat --checkpoint DIR [--image IMG] "question"
+    Stream the answer of a trained model (a save_pretrained folder, or a training run's --out folder).
+
+sphinx-x eval --checkpoint DIR --data FILE
+    Answer accuracy and loss on held-out conversations (JSON/JSONL).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import statistics
 import sys
 import time
@@ -325,6 +340,111 @@ def kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- data, training, chat
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+
+
+def make_demo_data_cmd(args: argparse.Namespace) -> int:
+    from sphinx_x.demo_data import make_demo_data
+
+    demo = make_demo_data(
+        args.dir,
+        train_images=args.train_images,
+        heldout_images=args.heldout_images,
+        train_text=args.train_text,
+        heldout_text=args.heldout_text,
+        seed=args.seed,
+    )
+    print(f"wrote the demo set to {demo.root}: train mix {demo.train}, held-out {demo.heldout}")
+    print("held-out showcase questions (sphinx-x chat --checkpoint RUN --image IMAGE QUESTION):")
+    for image, question, answer in demo.showcases:
+        print(f"  {image}  {question!r}  (answer: {answer})")
+    return 0
+
+
+def train_cmd(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from sphinx_x.train import TrainConfig, train
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    try:
+        cfg = TrainConfig.load(args.config, overrides)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"sphinx-x train: {exc}") from None
+    _logging()
+    with logging_redirect_tqdm():
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.losses:
+        k = max(1, len(result.losses) // 10)
+        first, last = sum(result.losses[:k]) / k, sum(result.losses[-k:]) / k
+        print(f"\nloss: {first:.4f} (mean of the first {k} steps) -> {last:.4f} (last {k})")
+    print(
+        f"throughput: {result.tokens_per_second:.0f} tokens/s; skip tokens saved "
+        f"{result.visual_positions_saved} visual positions"
+    )
+    for name, ev in (("before", result.eval_before), ("after", result.eval_after)):
+        if ev is not None:
+            print(f"held-out {name} training: {ev.summary()}")
+    if result.model_dir is not None:
+        print(f"model saved to {result.model_dir} (sphinx-x chat --checkpoint {result.model_dir} ...)")
+    return 0
+
+
+def _load_model(checkpoint: str, device: str):
+    from sphinx_x.model import SphinxX
+
+    path = Path(checkpoint)
+    if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+        path = path / "model"  # a training run's --out folder
+    if not (path / "config.json").exists():
+        raise SystemExit(
+            f"sphinx-x: {checkpoint} holds no save_pretrained model (config.json + model.safetensors)"
+        )
+    return SphinxX.from_pretrained(path, device=device)
+
+
+def chat_cmd(args: argparse.Namespace) -> int:
+    model = _load_model(args.checkpoint, args.device)
+    sample = {"image": args.image, "conversations": [{"from": "human", "value": args.question}]}
+    print(f"Q: {args.question}" + (f"  [{args.image}]" if args.image else ""))
+    print("A: ", end="", flush=True)
+    for piece in model.stream(
+        sample,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    ):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def eval_cmd(args: argparse.Namespace) -> int:
+    from sphinx_x.data import read_samples
+    from sphinx_x.train import evaluate
+
+    model = _load_model(args.checkpoint, args.device)
+    samples = read_samples(args.data)
+    if args.limit:
+        samples = samples[: args.limit]
+    result = evaluate(model, samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(result.summary())
+    for kind, (right, asked) in sorted(result.per_kind.items()):
+        print(f"  {kind:<10} accuracy {right / asked:.1%} ({right}/{asked})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sphinx-x", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -366,6 +486,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=kernels)
+
+    p = sub.add_parser("make-demo-data", help="write the demo conversation set (train mix + held-out split)")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--train-images", type=int, default=1500)
+    p.add_argument("--heldout-images", type=int, default=60)
+    p.add_argument("--train-text", type=int, default=300)
+    p.add_argument("--heldout-text", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=make_demo_data_cmd)
+
+    p = sub.add_parser("train", help="one-stage training from a YAML config (torchrun for several ranks)")
+    p.add_argument(
+        "--config", help="YAML training config (configs/*.yaml); keys as sphinx_x.train.TrainConfig"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)"
+    )
+    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, model/); overrides the config's")
+    p.add_argument("--max-steps", type=int, help="optimizer steps of the whole run (the schedule's length)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=train_cmd)
+
+    p = sub.add_parser("chat", help="answer a question about an image with a trained model (streamed)")
+    p.add_argument(
+        "--checkpoint", required=True, help="save_pretrained folder or a training run's --out folder"
+    )
+    p.add_argument("--image", help="image file (none: a text-only question)")
+    p.add_argument("question")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    p.set_defaults(func=chat_cmd)
+
+    p = sub.add_parser("eval", help="answer accuracy and loss of a trained model on held-out conversations")
+    p.add_argument(
+        "--checkpoint", required=True, help="save_pretrained folder or a training run's --out folder"
+    )
+    p.add_argument(
+        "--data", required=True, help="JSON/JSONL conversations (image paths relative to the file)"
+    )
+    p.add_argument("--limit", type=int, default=0, help="first N samples only (0: all)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    p.set_defaults(func=eval_cmd)
     args = parser.parse_args(argv)
     return args.func(args)
 
