@@ -356,7 +356,7 @@ class MoE(nn.Module):
             x, self.gate.weight, self.w1, self.w3, self.w2, top_k=self.top_k, expert_mask=mask
         )
         # The logits are not among moe_mlp's outputs; the gate GEMM is E/(3*f*top_k) of the experts' work
-        # (6e-5 for Mixtral), so recomputing them for the caller costs nothing measurable.
+        # (9e-5 for Mixtral: E 8, f 14336, top 2), so recomputing them for the caller costs nothing measurable.
         return out, aux, self.gate(x)
 
 
@@ -668,6 +668,9 @@ class LLM(nn.Module):
         for file in files:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq"):  # a buffer older conversions saved
+                        _check_inv_freq(name, f.get_tensor(name), cfg)
+                        continue
                     if name not in specs:
                         # Tied checkpoints sometimes store the head anyway (a copy of the embedding).
                         head = "output.weight" if cfg.arch == "internlm2" else "lm_head.weight"
@@ -746,6 +749,17 @@ def _safetensors_files(path: Path) -> list[Path]:
         if not f.is_file():
             raise ValueError(f"path: shard {f.name} listed in the index is missing from {path}")
     return files
+
+
+def _check_inv_freq(name: str, t: torch.Tensor, cfg: LLMConfig) -> None:
+    """Early Llama-2 conversions store RoPE's ``inv_freq``; we compute it from rope_theta, so check they agree."""
+    D = cfg.head_dim
+    expected = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    if t.shape != expected.shape or not torch.allclose(t.double(), expected, rtol=1e-3, atol=0):
+        raise ValueError(
+            f"tensor {name}: RoPE frequencies that do not follow rope_theta={cfg.rope_theta}, head_dim={D} "
+            "(a scaled RoPE is not supported)"
+        )
 
 
 _Spec = tuple[Callable[[torch.Tensor], None], Callable[[], torch.Tensor]]

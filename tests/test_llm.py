@@ -336,9 +336,16 @@ def test_bad_checkpoints(seed, tmp_path):
     del missing["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
         LLM.from_hf(write("missing", missing))
-    extra = {**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
-    with pytest.raises(ValueError, match="unexpected tensors.*rotary_emb.inv_freq"):
+    extra = {**tensors, "model.layers.0.mlp.bias": torch.ones(8)}
+    with pytest.raises(ValueError, match=r"unexpected tensors \['model.layers.0.mlp.bias'\]"):
         LLM.from_hf(write("extra", extra))
+    # RoPE buffers of older conversions are checked against rope_theta, then skipped
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    buffers = {**tensors, "model.layers.1.self_attn.rotary_emb.inv_freq": inv_freq.float()}
+    assert torch.equal(LLM.from_hf(write("buffers", buffers)).norm.weight, tensors["model.norm.weight"])
+    bad = {**tensors, "model.layers.1.self_attn.rotary_emb.inv_freq": (inv_freq / 4).float()}
+    with pytest.raises(ValueError, match="rotary_emb.inv_freq: RoPE frequencies"):
+        LLM.from_hf(write("bad_buffers", bad))
     wrong = {**tensors, "model.norm.weight": torch.ones(65)}
     with pytest.raises(ValueError, match=r"model.norm.weight: shape \(65,\)"):
         LLM.from_hf(write("wrong", wrong))
