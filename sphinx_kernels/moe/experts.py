@@ -294,9 +294,10 @@ def moe_experts(
     check_tensor("w1", w1, 3, FLOAT_DTYPES)  # its shape gives E; the full check follows
     E = w1.shape[0]
     check_expert_weights(x, w1, w3, w2, E)
-    check_expert_ids(expert_ids, x.shape[0], E)
+    check_tensor("expert_ids", expert_ids, 2, (torch.int64, torch.int32))
     check_routing_weights(weights, expert_ids)
     device = common_device(x=x, expert_ids=expert_ids, weights=weights, w1=w1, w3=w3, w2=w2)
+    check_expert_ids(expert_ids, x.shape[0], E)  # after the device check: it reads CPU ids
     chosen = select(device, x.dtype, backend)
     ids = expert_ids.to(torch.int64).contiguous()
     if chosen == "torch":

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sphinx_kernels._common import IdentityCache, common_device, on_device
 from sphinx_kernels.moe.gemm_kernels import PLAIN, launch_grouped_dw, launch_grouped_mm
 from sphinx_kernels.moe.reference import group_bounds, grouped_mm_dw_ref, grouped_mm_ref
-from sphinx_kernels.moe.validation import ENGINES, FLOAT_DTYPES, check_offsets, check_tensor, select
+from sphinx_kernels.moe.validation import ENGINES, check_grouped_mm_args, check_offsets, select
 
 __all__ = ["grouped_mm"]
 
@@ -217,15 +217,9 @@ def grouped_mm(
     Returns:
         ``(M, N)`` of x's dtype (fp32 accumulation).
     """
-    check_tensor("x", x, 2, FLOAT_DTYPES)
-    check_tensor("w", w, 3, FLOAT_DTYPES)
-    if w.dtype != x.dtype:
-        raise TypeError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
-    if w.shape[1] != x.shape[1]:
-        raise ValueError(f"w must have shape (E, K={x.shape[1]}, N), got {tuple(w.shape)}")
-    check_tensor("offsets", offsets, 1)
+    check_grouped_mm_args(x, w, offsets)
     device = common_device(x=x, w=w, offsets=offsets)
-    check_offsets(offsets, x.shape[0], w.shape[0])
+    check_offsets(offsets, x.shape[0], w.shape[0])  # after the device check: it reads CPU offsets
     chosen = select(device, x.dtype, backend)
     if chosen == "torch":
         return grouped_mm_ref(x, w, offsets)

@@ -21,6 +21,7 @@ from sphinx_kernels.moe.validation import (
     check_expert_ids,
     check_num_experts,
     check_tensor,
+    check_unpermute_args,
     select,
 )
 
@@ -237,8 +238,9 @@ def permute(
     """
     check_tensor("x", x, 2, FLOAT_DTYPES)
     check_num_experts(num_experts)
-    check_expert_ids(expert_ids, x.shape[0], num_experts)
+    check_tensor("expert_ids", expert_ids, 2, (torch.int64, torch.int32))
     device = common_device(x=x, expert_ids=expert_ids)
+    check_expert_ids(expert_ids, x.shape[0], num_experts)  # after the device check: it reads CPU ids
     chosen = select(device, None, backend)
     expert_ids = expert_ids.to(torch.int64).contiguous()
     if chosen == "torch":
@@ -258,13 +260,7 @@ def unpermute(
     Returns:
         ``(T, d)`` of y_sorted's dtype, accumulated in float32.
     """
-    check_tensor("y_sorted", y_sorted, 2, FLOAT_DTYPES)
-    check_tensor("row_map", row_map, 2, (torch.int64,))
-    check_tensor("weights", weights, 2, FLOAT_DTYPES)
-    if weights.shape != row_map.shape:
-        raise ValueError(f"weights {tuple(weights.shape)} must have row_map's shape {tuple(row_map.shape)}")
-    if row_map.numel() != y_sorted.shape[0]:
-        raise ValueError(f"y_sorted must have T*k = {row_map.numel()} rows, got {y_sorted.shape[0]}")
+    check_unpermute_args(y_sorted, row_map, weights)
     device = common_device(y_sorted=y_sorted, row_map=row_map, weights=weights)
     chosen = select(device, None, backend)
     if chosen == "torch":

@@ -125,6 +125,28 @@ def check_routing_weights(weights: object, expert_ids: torch.Tensor) -> None:
         )
 
 
+def check_grouped_mm_args(x: object, w: object, offsets: object) -> None:
+    """x ``(M, K)`` float, w ``(E, K, N)`` of x's dtype, offsets a 1-D tensor (contents: `check_offsets`)."""
+    check_tensor("x", x, 2, FLOAT_DTYPES)
+    check_tensor("w", w, 3, FLOAT_DTYPES)
+    if w.dtype != x.dtype:
+        raise TypeError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"w must have shape (E, K={x.shape[1]}, N), got {tuple(w.shape)}")
+    check_tensor("offsets", offsets, 1)
+
+
+def check_unpermute_args(y_sorted: object, row_map: object, weights: object) -> None:
+    """y_sorted ``(T*k, d)`` float, row_map int64 ``(T, k)``, weights float ``(T, k)``."""
+    check_tensor("y_sorted", y_sorted, 2, FLOAT_DTYPES)
+    check_tensor("row_map", row_map, 2, (torch.int64,))
+    check_tensor("weights", weights, 2, FLOAT_DTYPES)
+    if weights.shape != row_map.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must have row_map's shape {tuple(row_map.shape)}")
+    if row_map.numel() != y_sorted.shape[0]:
+        raise ValueError(f"y_sorted must have T*k = {row_map.numel()} rows, got {y_sorted.shape[0]}")
+
+
 def check_offsets(offsets: object, rows: int, num_experts: int) -> None:
     check_tensor("offsets", offsets, 1, (torch.int32,))
     if offsets.shape[0] != num_experts:
