@@ -1,0 +1,265 @@
+"""Figures of the benchmark results (benchmarks/results/*.csv): ours beside each peer, one figure per idea.
+
+    python benchmarks/plots.py [RESULTS_DIR] [OUT_DIR]
+
+`render(results_dir, out_dir)` writes the PNGs and returns ``[(title, path), ...]`` for those whose rows
+exist (benchmarks/report.py embeds them in REPORT.md). Each figure takes the newest row of every (device,
+case, backend) in its CSV (rows are appended in time order), one panel per device.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+OURS_COLOUR, PEER_COLOUR, PART_COLOUR = "#d62728", "#7f7f7f", "#ff9896"
+# Backends that are this project's own kernels (their bars are drawn in OURS_COLOUR).
+_OURS = re.compile(r"^(ours|sphinx|cpu$|cuda$|triton|kernels only|skip only|packing only)")
+
+
+def _is_ours(backend: str) -> bool:
+    return bool(_OURS.match(backend))
+
+
+def _read(results_dir: Path, name: str) -> list[dict[str, str]]:
+    path = results_dir / f"{name}.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
+    for r in rows:  # later rows replace earlier ones: the newest measurement of each configuration
+        latest[(r.get("device", ""), r.get("case", ""), r.get("backend", ""), r.get("shape", ""))] = r
+    return [r for r in latest.values() if _float(r.get("rate")) > 0]
+
+
+def _float(value: str | None) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _fields(shape: str) -> dict[str, str]:
+    """``key=value`` pairs of a shape string (``B=8 tokens=3123 aspect=2:1``)."""
+    return dict(re.findall(r"(\w+)=(\S+)", shape))
+
+
+def _by_device(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    out: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        out.setdefault(r["device"], []).append(r)
+    return out
+
+
+def _figure(panels: int, width: float = 6.0, height: float = 3.6):
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _bars(
+    ax, groups: list[str], series: dict[str, list[float]], unit: str, *, ratio_to: str | None = None
+) -> None:
+    """Grouped bars: one group per entry of `groups`, one bar per series (ours in red, peers in grey);
+    with `ratio_to`, each bar is labelled with its ratio to that series."""
+    names = list(series)
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
+        colour = OURS_COLOUR if name == names[0] and _is_ours(name) else PEER_COLOUR
+        if _is_ours(name) and name != names[0]:
+            colour = PART_COLOUR
+        bars = ax.bar(xs, series[name], width, label=name, color=colour, edgecolor="black", linewidth=0.4)
+        if ratio_to is not None and name != ratio_to:
+            for bar, value, base in zip(bars, series[name], series[ratio_to], strict=True):
+                if value == value and base == base and base > 0:
+                    ax.annotate(f"{value / base:.2f}x", (bar.get_x() + bar.get_width() / 2, value),
+                                ha="center", va="bottom", fontsize=7)  # fmt: skip
+    ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center", fontsize=8)  # fmt: skip
+    ax.set_ylabel(unit)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+
+
+# ----------------------------------------------------------------------------------------------- e2e
+def _e2e_tokens(results: Path, path: Path) -> Path | None:
+    rows = [r for r in _read(results, "e2e") if re.match(r"train \w+ mix", r["case"])]
+    rows = [r for r in rows if r["backend"] in ("ours", "original")]
+    devices = _by_device(rows)
+    if not devices:
+        return None
+    fig, axes = _figure(len(devices))
+    for ax, (device, group) in zip(axes, devices.items(), strict=True):
+        for backend, colour in (("ours", OURS_COLOUR), ("original", PEER_COLOUR)):
+            pts = sorted(
+                (int(_fields(r["shape"])["tokens"]), _float(r["rate"]))
+                for r in group
+                if r["backend"] == backend
+            )
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color=colour, label=backend)
+        ax.set_xlabel("tokens per step (samples' positions, skip-token layout)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(device, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _e2e_aspect(results: Path, path: Path) -> Path | None:
+    rows = [r for r in _read(results, "e2e") if re.match(r"train \w+ aspect", r["case"])]
+    devices = _by_device(rows)
+    if not devices:
+        return None
+    fig, axes = _figure(len(devices), width=7.0)
+    for ax, (device, group) in zip(axes, devices.items(), strict=True):
+        aspects = list(dict.fromkeys(_fields(r["shape"])["aspect"] for r in group))
+        rate = {(_fields(r["shape"])["aspect"], r["backend"]): _float(r["rate"]) for r in group}
+        series = {b: [rate.get((a, b), float("nan")) for a in aspects] for b in ("ours", "original")}
+        _bars(ax, aspects, series, "tokens/s", ratio_to="original")
+        ax.set_xlabel("aspect ratio (width:height) of every image in the batch")
+        ax.set_title(device, fontsize=9)
+    return _save(fig, path)
+
+
+def _e2e_parts(results: Path, path: Path) -> Path | None:
+    rows = [r for r in _read(results, "e2e") if re.fullmatch(r"train \w+ mix", r["case"])]
+    devices = _by_device(rows)
+    if not devices:
+        return None
+    fig, axes = _figure(len(devices))
+    for ax, (device, group) in zip(axes, devices.items(), strict=True):
+        rate = {r["backend"]: _float(r["rate"]) for r in group}
+        if "original" not in rate:
+            continue
+        names = list(rate)
+        speedup = [rate[n] / rate["original"] for n in names]
+        colours = [
+            OURS_COLOUR if n == "ours" else PEER_COLOUR if n == "original" else PART_COLOUR for n in names
+        ]
+        bars = ax.bar(names, speedup, color=colours, edgecolor="black", linewidth=0.4)
+        for bar, s in zip(bars, speedup, strict=True):
+            ax.annotate(
+                f"{s:.2f}x", (bar.get_x() + bar.get_width() / 2, s), ha="center", va="bottom", fontsize=8
+            )
+        ax.axhline(1.0, color="black", linewidth=0.6)
+        ax.set_ylabel("training-step speed-up over the original")
+        ax.set_title(f"{device}\n{group[0]['shape']}", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _e2e_generate(results: Path, path: Path) -> Path | None:
+    rows = [r for r in _read(results, "e2e") if r["case"].startswith("generate")]
+    devices = _by_device(rows)
+    if not devices:
+        return None
+    fig, axes = _figure(len(devices))
+    for ax, (device, group) in zip(axes, devices.items(), strict=True):
+        cases = list(dict.fromkeys(r["case"].removeprefix("generate ") for r in group))
+        backends = list(dict.fromkeys(r["backend"] for r in group))
+        rate = {(r["case"].removeprefix("generate "), r["backend"]): _float(r["rate"]) for r in group}
+        series = {b: [rate.get((c, b), float("nan")) for c in cases] for b in backends}
+        _bars(ax, cases, series, "tokens/s", ratio_to=next((b for b in backends if not _is_ours(b)), None))
+        ax.set_yscale("log")
+        ax.set_title(device, fontsize=9)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+def _attention_seqlen(results: Path, path: Path) -> Path | None:
+    rows = _read(results, "attention")
+    panels: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for r in rows:
+        panels.setdefault((r["device"], r["unit"]), []).append(r)
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels), width=5.0)
+    for ax, ((device, unit), group) in zip(axes, panels.items(), strict=True):
+        for backend in dict.fromkeys(r["backend"] for r in group):
+            pts = sorted(
+                (int(_fields(r["shape"]).get("Lmax", 0)), _float(r["rate"]))
+                for r in group
+                if r["backend"] == backend
+            )
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-" if len(pts) > 1 else "o", label=backend,
+                    color=OURS_COLOUR if _is_ours(backend) else None)  # fmt: skip
+        ax.set_xlabel("longest sequence (Lmax)")
+        ax.set_ylabel(unit)
+        ax.set_title(f"{device}: {'decode' if unit == 'GB/s' else 'fwd / fwd+bwd'}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _family_bars(family: str) -> Callable[[Path, Path], Path | None]:
+    def draw(results: Path, path: Path) -> Path | None:
+        rows = _read(results, family)
+        panels: dict[tuple[str, str], list[dict[str, str]]] = {}
+        for r in rows:
+            panels.setdefault((r["device"], r["case"]), []).append(r)
+        if not panels:
+            return None
+        panels = dict(list(panels.items())[:4])
+        fig, axes = _figure(len(panels), width=4.5)
+        for ax, ((device, case), group) in zip(axes, panels.items(), strict=True):
+            latest = {r["backend"]: r for r in group}
+            names = sorted(latest, key=lambda n: not _is_ours(n))
+            values = [_float(latest[n]["rate"]) for n in names]
+            colours = [OURS_COLOUR if _is_ours(n) else PEER_COLOUR for n in names]
+            ax.bar(names, values, color=colours, edgecolor="black", linewidth=0.4)
+            ax.set_ylabel(latest[names[0]]["unit"])
+            ax.set_title(f"{device}\n{case}", fontsize=8)
+            ax.tick_params(axis="x", labelsize=7, rotation=30)
+            ax.grid(axis="y", alpha=0.3)
+        return _save(fig, path)
+
+    return draw
+
+
+FIGURES: list[tuple[str, str, Callable[[Path, Path], Path | None]]] = [
+    ("End-to-end training step: ours vs the original, by tokens per step", "e2e_tokens.png", _e2e_tokens),
+    ("End-to-end training step by aspect ratio (skip tokens matter from 2:1)", "e2e_aspect.png", _e2e_aspect),
+    ("Where the end-to-end speed-up comes from (each part alone)", "e2e_parts.png", _e2e_parts),
+    ("Generation: packed KV cache vs padded cache (prefill, decode)", "e2e_generate.png", _e2e_generate),
+    ("Varlen attention: throughput vs sequence length", "attention_seqlen.png", _attention_seqlen),
+    ("Skip-token tile gathering: backends vs peers", "tiles.png", _family_bars("tiles")),
+    ("Grouped MoE: backends vs peers", "moe.png", _family_bars("moe")),
+    ("Hugging Face transformers backend: fine-tune steps", "transformers.png", _family_bars("transformers")),
+]
+
+
+def render(results_dir: Path, out_dir: Path) -> list[tuple[str, Path]]:
+    """Write every figure whose CSV rows exist in `results_dir` to `out_dir`; returns ``[(title, png)]``."""
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for title, name, draw in FIGURES:
+        path = draw(results_dir, out_dir / name)
+        if path is not None:
+            made.append((title, path))
+    return made
+
+
+if __name__ == "__main__":
+    here = Path(__file__).parent / "results"
+    results = Path(sys.argv[1]) if len(sys.argv) > 1 else here
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else results
+    for title, png in render(results, out):
+        print(f"{png}  {title}")
