@@ -52,6 +52,7 @@ step bench_attention 90 $PY benchmarks/bench_attention.py --gpu-only
 step bench_moe 90 $PY benchmarks/bench_moe.py --no-cpu
 step bench_tiles 60 $PY benchmarks/bench_tiles.py
 step bench_transformers 60 $PY benchmarks/bench_transformers.py
+step bench_e2e 150 $PY benchmarks/bench_e2e.py --gpu --no-sweeps --rounds 3
 
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
 echo "total: $(($(date +%s) - START)) s" >> "$OUT/env.txt"

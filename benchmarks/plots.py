@@ -61,8 +61,14 @@ def _by_device(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
 
 
 def _figure(panels: int, width: float = 6.0, height: float = 3.6):
-    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
-    return fig, list(axes[0])
+    """A figure of `panels` axes, at most 3 per row."""
+    cols = min(panels, 3)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[panels:]:
+        ax.set_visible(False)
+    return fig, flat[:panels]
 
 
 def _save(fig, path: Path) -> Path:
@@ -187,11 +193,14 @@ def _attention_seqlen(results: Path, path: Path) -> Path | None:
     rows = _read(results, "attention")
     panels: dict[tuple[str, str], list[dict[str, str]]] = {}
     for r in rows:
-        panels.setdefault((r["device"], r["unit"]), []).append(r)
+        what = (
+            "decode" if r["unit"] == "GB/s" else "fwd+bwd" if "fwd+bwd" in r["case"] + r["shape"] else "fwd"
+        )
+        panels.setdefault((r["device"], r["unit"], what), []).append(r)
     if not panels:
         return None
     fig, axes = _figure(len(panels), width=5.0)
-    for ax, ((device, unit), group) in zip(axes, panels.items(), strict=True):
+    for ax, ((device, unit, what), group) in zip(axes, panels.items(), strict=True):
         for backend in dict.fromkeys(r["backend"] for r in group):
             pts = sorted(
                 (int(_fields(r["shape"]).get("Lmax", 0)), _float(r["rate"]))
@@ -202,7 +211,7 @@ def _attention_seqlen(results: Path, path: Path) -> Path | None:
                     color=OURS_COLOUR if _is_ours(backend) else None)  # fmt: skip
         ax.set_xlabel("longest sequence (Lmax)")
         ax.set_ylabel(unit)
-        ax.set_title(f"{device}: {'decode' if unit == 'GB/s' else 'fwd / fwd+bwd'}", fontsize=9)
+        ax.set_title(f"{device}: {what}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -216,7 +225,7 @@ def _family_bars(family: str) -> Callable[[Path, Path], Path | None]:
             panels.setdefault((r["device"], r["case"]), []).append(r)
         if not panels:
             return None
-        panels = dict(list(panels.items())[:4])
+        panels = dict(list(panels.items())[:6])
         fig, axes = _figure(len(panels), width=4.5)
         for ax, ((device, case), group) in zip(axes, panels.items(), strict=True):
             latest = {r["backend"]: r for r in group}
