@@ -404,7 +404,8 @@ class SphinxX(nn.Module):
             logits, rows = None, out.logits
         targets = batch.targets.index_select(0, batch.loss_rows)
         # fp32 log-softmax: bf16 logits lose ~3 digits in the normaliser over a 32k vocabulary.
-        loss = F.cross_entropy(rows.float(), targets, reduction="sum")
+        rows = rows if rows.dtype == torch.float64 else rows.float()
+        loss = F.cross_entropy(rows, targets, reduction="sum")
         if reduction == "mean":
             loss = loss / max(batch.num_supervised, 1)
         counts_image = counts_text = None
