@@ -1,11 +1,16 @@
 """A few fine-tuning steps of a tiny Mixtral through transformers: tokens/s per implementation.
 
-    python benchmarks/bench_transformers.py [--steps 8] [--batch 4] [--seq 256] [--packed]
+    python benchmarks/bench_transformers.py [--steps 8] [--batch 4] [--seq 256] [--packed] [--compile]
 
 Implementations, measured in one run on the same model and data: attn/experts = "sphinx"/"sphinx" (ours),
 "eager"/"eager" (transformers' reference loops) and "sdpa"/"grouped_mm" (transformers' fastest built-ins).
 A padded batch (lengths drawn from 25%..100% of --seq) is the default; --packed uses
 DataCollatorWithFlattening (one row, no padding) for every implementation that supports it.
+
+--compile runs each model under ``torch.compile`` (--compile-backend, default inductor; "eager" is not
+compared, its loops are not meant to compile) and first counts, per implementation, the graphs and graph
+breaks dynamo produced over two steps on two batches of the same shape with different padding (a break or a
+graph per layer, or a recompile for a new mask, shows there); the note column of each row carries them.
 """
 
 from __future__ import annotations
@@ -41,10 +46,10 @@ def build_model(device: str, dtype: torch.dtype, layers: int, hidden: int):
     return MixtralForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def make_batch(batch: int, seq: int, packed: bool, device: str):
+def make_batch(batch: int, seq: int, packed: bool, device: str, seed: int = 1):
     from transformers import DataCollatorWithFlattening
 
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=gen).tolist()
     seqs = [torch.randint(1, 1024, (n,), generator=gen) for n in lengths]
     if packed:
@@ -59,16 +64,35 @@ def make_batch(batch: int, seq: int, packed: bool, device: str):
     return {k: v.to(device) for k, v in out.items()}, sum(lengths)
 
 
-def make_step(model, batch):
+def make_step(model, batch, call=None):
+    """One optimizer step; `call` runs the forward (the compiled model under --compile)."""
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
+    call = call if call is not None else model
 
     def step():
         optim.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        call(**batch).loss.backward()
         optim.step()
 
     return step
+
+
+def compile_and_count(model, batches, backend: str):
+    """Compile `model`, run forward + backward on each batch; returns ``(compiled, graphs, breaks)``: the
+    graphs dynamo captured and the graph breaks it took (one model, one shape: 1 and 0 at best)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=backend)
+    model.train()
+    for b in batches:
+        compiled(**b).loss.backward()
+    model.zero_grad(set_to_none=True)
+    graphs = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    return compiled, graphs, breaks
 
 
 def main() -> None:
@@ -81,6 +105,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="time the models under torch.compile")
+    parser.add_argument("--compile-backend", default="inductor")
     args = parser.parse_args()
 
     import sphinx_kernels.integrations.transformers  # noqa: F401  registers "sphinx"
@@ -92,17 +118,32 @@ def main() -> None:
         f"Mixtral {args.layers}L d{args.hidden} E8 top2, batch {args.batch} x <= {args.seq} "
         f"({'packed' if args.packed else 'padded'}), {tokens} real tokens, {dtype}"
     )
-    steps = {}
+    steps, notes = {}, {}
+    case = f"fine-tune step {device}"
+    if args.compile:
+        case += f" compiled ({args.compile_backend})"
+        # A second batch of the same shape with other lengths: a mask-dependent recompile would show.
+        other, _ = make_batch(args.batch, args.seq, args.packed, device, seed=2)
     for attn, experts in IMPLEMENTATIONS:
+        if args.compile and attn == "eager":
+            continue
         model = build_model(device, dtype, args.layers, args.hidden)
         model.set_attn_implementation(attn)
         model.set_experts_implementation(experts)
-        steps[f"{attn}+{experts}"] = make_step(model, batch)
+        name, call = f"{attn}+{experts}", None
+        if args.compile:
+            call, graphs, breaks = compile_and_count(model, [batch, other], args.compile_backend)
+            notes[name] = f"dynamo graphs {graphs}, graph breaks {breaks} (2 steps, 2 masks)"
+            print(f"{name}: {notes[name]}")
+        steps[name] = make_step(model, batch, call)
     rows = [
-        Row("transformers", f"fine-tune step {device}", name, shape, seconds, tokens / seconds, "tokens/s")
+        Row(
+            "transformers", case, name, shape, seconds, tokens / seconds, "tokens/s", note=notes.get(name, "")
+        )
         for name, seconds in round_robin_medians(steps, args.steps, device).items()
     ]
-    print_table(rows, baseline="eager+eager")
+    if not args.compile:
+        print_table(rows, baseline="eager+eager")
     print_table(rows, baseline="sdpa+grouped_mm")
     print(f"\nrows appended to {write_rows(rows, 'transformers')}")
 
