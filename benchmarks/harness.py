@@ -52,7 +52,7 @@ def cpu_cores() -> int:
 
 def environment() -> dict[str, str]:
     """What a figure depends on, recorded in every row: device, CPU model and cores (also for GPU rows: the
-    host feeds the GPU), threads, GPU model, date (UTC), torch and triton versions."""
+    host feeds the GPU), threads, GPU model, date (UTC), torch and triton versions, load average."""
     try:
         import triton
 
@@ -71,6 +71,9 @@ def environment() -> dict[str, str]:
         "cores": str(cpu_cores()),
         "threads": str(threads),
         "gpu": gpu,
+        # Runnable processes (1-min load average) when the row was written: above the core count, other work
+        # shared the CPUs (the round robin spreads it over the candidates; thread pools suffer most).
+        "load": f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "",
     }
 
 
