@@ -78,7 +78,7 @@ class Run:
         return float(row["seconds"]) if row else None
 
     def machine(self) -> str:
-        """CPU model (vector ISA), cores, threads, GPU: all from the rows."""
+        """CPU model (vector ISA), cores, threads, GPU, load average: all from the rows."""
         first = self.first
         if self.cpu:
             parts = [self.cpu, f"{first.get('cores') or '?'} cores"]
@@ -88,6 +88,8 @@ class Run:
             parts.append(f"{self.threads} threads")
         if self.gpu:
             parts.append(self.gpu)
+        if first.get("load"):
+            parts.append(f"load {first['load']}")  # above the core count: other work shared the CPUs
         return ", ".join(parts)
 
     def versions(self) -> str:

@@ -59,6 +59,7 @@ def row(
         "cpu": cpu,
         "cores": "7" if cpu else "",
         "threads": "2" if cpu else "",
+        "load": "3.5" if cpu else "",
         **kw,
     }
 
