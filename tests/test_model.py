@@ -336,3 +336,16 @@ def test_bad_inputs(seed):
         model.generate([{"image": None, "conversations": good}], max_new_tokens=2)
     with pytest.raises(ValueError, match="tokenizer has 512 tokens but llm.vocab_size is 100"):
         SphinxX(get_config("tiny", llm={"vocab_size": 100}))
+
+
+def test_real_preset_shapes_on_meta():
+    # ViT-g/14 (1536) + ConvNeXt-XXL (3072, 7 x 7 map at 224 resampled to 16 x 16): 257 tokens of 4608
+    # channels per view (REFERENCE.md), built on the meta device: nothing materialised, no file read.
+    model = SphinxX(get_config("sphinx-moe"), device="meta")
+    assert model.dtype == torch.bfloat16
+    assert all(p.is_meta for p in model.parameters())
+    assert model.tokens_per_view == 257
+    assert tuple(model.vision.proj.weight.shape) == (4096, 4608)
+    views = torch.empty(2, 3, 224, 224, device="meta", dtype=torch.bfloat16)
+    assert tuple(model.vision.convnext.forward_features(views).shape) == (2, 3072, 7, 7)
+    assert tuple(model.vision(views).shape) == (2, 257, 4096)
