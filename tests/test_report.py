@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
-FIELDS = (
-    "device,date,torch,triton,family,case,backend,shape,seconds,rate,unit,ceiling,note,cpu,cores,threads,gpu"
-)
+FIELDS = "device,date,torch,triton,family,case,backend,shape,seconds,rate,unit,ceiling,note,cpu,cores,threads,gpu,load"
 README = """# project
 
 Intro text | with a pipe.
