@@ -232,12 +232,28 @@ def generate_stream(
             are yielded). eos_id: token id(s) that finish a prompt (yielded too).
         use_cache: False recomputes the whole sequence every step (no cache; a reference for the cache path).
 
-    Yields:
-        per step a list of B entries: the new token id of each prompt, None once it has finished.
+    Returns:
+        An iterator yielding, per step, a list of B entries: the new token id of each prompt, None once it has
+        finished. Arguments are checked at the call (a bad one raises before anything runs).
     """
+    # validated here, at the call, not at the first next() of a generator
     stops, eos = _check_args(llm, prompts, max_new_tokens, temperature, top_p, stop_sequences, eos_id)
     if max_new_tokens == 0:
-        return
+        return iter(())
+    return _stream(llm, list(prompts), max_new_tokens, temperature, top_p, seed, stops, eos, use_cache)
+
+
+def _stream(
+    llm: LLM,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stops: list[list[int]],
+    eos: set[int],
+    use_cache: bool,
+) -> Iterator[list[int | None]]:
     w = llm.tok_embeddings.weight
     device, dtype = w.device, w.dtype
     embeds = any(p.dtype.is_floating_point for p in prompts)
@@ -258,9 +274,9 @@ def generate_stream(
 
     def forward(parts: list[torch.Tensor], counts: list[int], cache: PackedKVCache | None) -> torch.Tensor:
         x = torch.cat(parts)
-        cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        live = [i for i, c in enumerate(counts) if c > 0]
-        rows = torch.tensor([cu_i - 1 for cu_i in cu[1:].tolist()], device=device)[live]
+        ends = torch.tensor(counts).cumsum(0)
+        cu = torch.cat([ends.new_zeros(1), ends]).to(device=device, dtype=torch.int32)
+        rows = (ends - 1)[torch.tensor(counts) > 0].to(device)  # each live stream's last token
         kw = {"inputs_embeds": x} if x.dtype.is_floating_point else {"input_ids": x}
         return llm(**kw, cu_seqlens=cu, cache=cache, logits_rows=rows).logits
 

@@ -141,6 +141,8 @@ def test_max_seq_len_and_bad_arguments(seed):
         generate(llm, prompts, max_new_tokens=1, temperature=-1.0)
     with pytest.raises(ValueError, match="stop_sequences"):
         generate(llm, prompts, max_new_tokens=1, stop_sequences=[[]])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_stream(llm, prompts, max_new_tokens=-1)  # raised at the call, not at the first next()
     cache = PackedKVCache.for_model(llm, [2, 3])
     with pytest.raises(ValueError, match="stream 1: 0 cached \\+ 4 new tokens exceed its capacity 3"):
         llm(

@@ -2,6 +2,7 @@
 transformers, loaded with LLM.from_hf, logits compared packed and (B, L); InternLM2 through its fused wqkv
 layout written by hand; save_hf round trips; MoE controls; bad checkpoints and inputs."""
 
+import copy
 import json
 import random
 
@@ -247,6 +248,25 @@ def test_bf16_load_on_meta(seed, tmp_path):
     w1 = llm.layers[1].feed_forward.w1
     assert torch.equal(w1[3], original["model.layers.1.block_sparse_moe.experts.3.w1.weight"].bfloat16().T)
     assert torch.equal(llm.tok_embeddings.weight, original["model.embed_tokens.weight"].bfloat16())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_within_transformers_bf16_error(arch, seed, tmp_path):
+    """bf16 weights and activations: our error against transformers in float64 is at most twice transformers'
+    own bf16 error (the project's rule). Dense only: bf16 can flip a near-tied MoE routing against float64."""
+    hf = _hf_model(arch, vocab=97)
+    hf.save_pretrained(tmp_path)
+    llm = LLM.from_hf(tmp_path, dtype=torch.bfloat16)
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    hf64 = copy.deepcopy(hf).to(torch.float64)
+    lengths = [random.randint(1, 20) for _ in range(3)]
+    seqs, ids, cu = _packed(97, lengths)
+    with torch.no_grad():
+        out = llm(ids, cu_seqlens=cu).logits
+        ref16 = torch.cat([hf16(s[None]).logits[0] for s in seqs])
+        ref64 = torch.cat([hf64(s[None]).logits[0] for s in seqs])
+    assert out.dtype == torch.bfloat16
+    assert_close_to_reference(out, ref64, ref16, name=f"{arch} bf16 logits")
 
 
 def test_active_experts_and_pruning_match_transformers(seed, tmp_path):
