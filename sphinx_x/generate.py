@@ -91,9 +91,16 @@ class PackedKVCache:
     def batch_size(self) -> int:
         return len(self.capacities)
 
-    def prepare(self, cu_seqlens: torch.Tensor | Sequence[int], num_tokens: int | None = None) -> CacheStep:
+    def prepare(
+        self,
+        cu_seqlens: torch.Tensor | Sequence[int],
+        num_tokens: int | None = None,
+        *,
+        max_seq_len: int | None = None,
+    ) -> CacheStep:
         """Reserve room for one forward's new tokens: ``cu_seqlens`` ``(B+1,)`` gives each stream's count
-        (0 for a stream that gets none). Advances `lengths`; the layers then call `update`."""
+        (0 for a stream that gets none). Advances `lengths`; the layers then call `update`. A stream passing
+        its capacity or `max_seq_len` is a ValueError (and the cache is left as it was)."""
         cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
         B = self.batch_size
         if len(cu) != B + 1 or cu[0] != 0:
@@ -107,6 +114,10 @@ class PackedKVCache:
             if self.lengths[i] + n > self.capacities[i]:
                 raise ValueError(
                     f"stream {i}: {self.lengths[i]} cached + {n} new tokens exceed its capacity {self.capacities[i]}"
+                )
+            if max_seq_len is not None and self.lengths[i] + n > max_seq_len:
+                raise ValueError(
+                    f"stream {i}: {self.lengths[i]} cached + {n} new tokens exceed max_seq_len={max_seq_len}"
                 )
         old = torch.tensor(self.lengths, dtype=torch.int64)
         counts = torch.tensor(new, dtype=torch.int64)

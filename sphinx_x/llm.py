@@ -577,12 +577,8 @@ class LLM(nn.Module):
             cu_seqlens = cu_seqlens.to(device)
 
         if cache is not None:
-            step = cache.prepare(cu_seqlens, T)
+            step = cache.prepare(cu_seqlens, T, max_seq_len=self.cfg.max_seq_len)
             packing = _Packing(step.cu_seqlens_q, step.max_seqlen_q, step.cu_seqlens_k, step.max_seqlen_k)
-            if step.max_len > self.cfg.max_seq_len:
-                raise ValueError(
-                    f"a cached stream reaches {step.max_len} tokens, beyond max_seq_len={self.cfg.max_seq_len}"
-                )
             if position_ids is None:
                 position_ids = step.position_ids
         else:

@@ -68,7 +68,7 @@ def test_cache_logits_match_full_pass(seed):
 def test_greedy_cache_equals_recompute(moe, seed):
     llm = _tiny(moe)
     prompts = _prompts(97, [random.randint(1, 12) for _ in range(4)] + [1])
-    n = random.randint(6, 12)
+    n = random.randint(5, 9)
     cached = generate(llm, prompts, max_new_tokens=n)
     recomputed = generate(llm, prompts, max_new_tokens=n, use_cache=False)
     assert [len(t) for t in cached] == [n] * len(prompts)
@@ -143,6 +143,14 @@ def test_max_seq_len_and_bad_arguments(seed):
         generate(llm, prompts, max_new_tokens=1, stop_sequences=[[]])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_stream(llm, prompts, max_new_tokens=-1)  # raised at the call, not at the first next()
+    cache = PackedKVCache.for_model(llm, [2, 20])
+    with pytest.raises(ValueError, match="stream 1: 0 cached \\+ 13 new tokens exceed max_seq_len=12"):
+        llm(
+            torch.zeros(14, dtype=torch.long),
+            cu_seqlens=torch.tensor([0, 1, 14], dtype=torch.int32),
+            cache=cache,
+        )
+    assert cache.lengths == [0, 0]  # untouched by the refused step
     cache = PackedKVCache.for_model(llm, [2, 3])
     with pytest.raises(ValueError, match="stream 1: 0 cached \\+ 4 new tokens exceed its capacity 3"):
         llm(
