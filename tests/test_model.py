@@ -3,6 +3,7 @@ counts, training step, generation (cache == recompute), checkpoints and bad inpu
 
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 
 import sphinx_kernels as sk
 from sphinx_x.config import get_config
-from sphinx_x.model import SphinxX, load_tokenizer
+from sphinx_x.model import BUNDLED_TOKENIZER, BundledTokenizer, SphinxX, load_tokenizer
 from sphinx_x.template import SEPARATOR, SYSTEM, format_conversation, tokenize_conversation
 
 WORDS = "the a dog cat red blue sky image shows two on in sits near what is where how many".split()
@@ -87,6 +88,23 @@ def test_template_text_and_labels():
 def test_template_rejects(conv, match):
     with pytest.raises(ValueError, match=match):
         format_conversation(conv)
+
+
+def test_bundled_tokenizer_matches_transformers(seed):
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer()
+    theirs = AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER))
+    rng = random.Random(seed)
+    text = f"{SYSTEM}\n\n### Human: {_text(rng, 5, 30)} \u00fcn\u00efcode \u6f22\u5b57?{SEPARATOR} Assistant: {_text(rng)}"
+    ids = ours.encode(text, add_special_tokens=False)
+    assert ids == theirs.encode(text, add_special_tokens=False)
+    assert ours.decode(ids) == theirs.decode(ids) == text
+    assert (len(ours), ours.bos_token_id, ours.eos_token_id) == (
+        len(theirs),
+        theirs.bos_token_id,
+        theirs.eos_token_id,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -279,8 +297,11 @@ def test_generate_stops_at_separator(seed):
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def test_save_and_load_round_trip(tmp_path, seed):
+def test_save_and_load_round_trip(tmp_path, seed, monkeypatch):
+    # transformers is not a runtime dependency: the tiny presets build, save and load without it
+    monkeypatch.setitem(sys.modules, "transformers", None)
     model = _model("tiny-moe", seed)
+    assert isinstance(model.tokenizer, BundledTokenizer)
     samples = _samples(seed)[:2]
     model.save_pretrained(tmp_path / "ckpt")
     loaded = SphinxX.from_pretrained(tmp_path / "ckpt")
@@ -292,6 +313,7 @@ def test_save_and_load_round_trip(tmp_path, seed):
         assert torch.equal(model.loss(samples), loaded.loss(samples))
     assert {id(p) for p in loaded.trainable_parameters()} != set()
     assert all(not p.requires_grad for t in loaded.vision.towers() for p in t.parameters())
+    assert isinstance(loaded.tokenizer, BundledTokenizer)
     loaded.set_active_experts(1)  # MoE inference controls on a loaded model
 
     # a checkpoint of another architecture: the config says dim 128, the tensors are dim 256

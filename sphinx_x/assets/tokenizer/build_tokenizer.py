@@ -59,7 +59,13 @@ def build(out_dir: Path) -> None:
     tok.train_from_iterator(corpus(), trainer=trainer)
     tok.save(str(out_dir / "tokenizer.json"))
     # Written by hand, not by save_pretrained: the class name must load on transformers 4 and 5 alike.
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    # "sphinx_x_bundled": sphinx_x loads it with `tokenizers` alone (transformers is not a runtime dependency).
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "sphinx_x_bundled": True,
+    }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
