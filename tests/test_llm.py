@@ -131,6 +131,11 @@ def test_embeddings_rows_hidden_and_positions(seed, tmp_path):
         pos = torch.cat([torch.arange(n) for n in lengths])
         explicit = llm(ids, cu_seqlens=cu, position_ids=pos)
     assert torch.equal(by_embeds.logits, out.logits)
+    batch = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        by_ids, by_batch_embeds = llm(batch, return_hidden=True), llm(inputs_embeds=llm.tok_embeddings(batch))
+    assert by_ids.hidden.shape == (2, 5, 64)
+    assert torch.equal(by_batch_embeds.logits, by_ids.logits)
     # the head on the chosen rows only: a GEMM of another shape, judged against float64
     head64 = out.hidden[last].double() @ llm.output.weight.double().T
     assert_close_to_reference(rows.logits, head64, out.logits[last], name="logits_rows")
