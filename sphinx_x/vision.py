@@ -72,6 +72,18 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _is_open_clip(path: Path) -> bool:
+    """Whether a checkpoint file holds an open_clip model (its image trunk under ``visual.trunk.``)."""
+    if not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:  # the header only: no tensor is read
+            return any(k.startswith(OPEN_CLIP_TRUNK) for k in f.keys())
+    return any(k.startswith(OPEN_CLIP_TRUNK) for k in load_state_dict_file(path))  # memory-mapped
+
+
 def _open_clip_trunk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """The timm-named trunk tensors of an open_clip checkpoint, or None if `state` is not one."""
     if not any(k.startswith(OPEN_CLIP_TRUNK) for k in state):
@@ -89,11 +101,8 @@ def _create_tower(name: str, kwargs: dict, weights: str | None, *, feature_map: 
     if weights is None:
         return timm.create_model(name, pretrained=False, num_classes=0, **reset, **kwargs)
     path = Path(weights)
-    if path.suffix in (".bin", ".pt", ".pth", ".safetensors") and path.is_file():
+    if path.suffix in (".bin", ".pt", ".pth", ".safetensors") and _is_open_clip(path):
         trunk = _open_clip_trunk(load_state_dict_file(path))
-    else:
-        trunk = None
-    if trunk is not None:
         model = timm.create_model(name, pretrained=False, num_classes=0, **reset, **kwargs)
         trunk = {k: v for k, v in trunk.items() if not k.startswith("head.fc.")}
         _load_strict(model, trunk, f"{what} ({path}, open_clip layout)")
