@@ -106,7 +106,11 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), str(f.type)))
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas!r}")
+        self.betas = tuple(_coerce("betas", b, "float") for b in self.betas)
         checks = {
             "tokens_per_bin": self.tokens_per_bin >= 1,
             "pack_window": self.pack_window >= 1,
@@ -174,6 +178,30 @@ class TrainConfig:
             else:
                 values[key] = value
         return cls.from_dict(values, source=str(path) if path else "overrides")
+
+
+def _coerce(name: str, value: Any, kind: str) -> Any:
+    """`value` as the field's type: YAML reads ``1e-3`` (no dot) as a string, and a typed config should
+    say which key has a value of the wrong kind instead of failing later."""
+    if value is None and ("None" in kind or kind == "Any"):
+        return None
+    base = kind.split("|")[0].strip()
+    try:
+        if base == "float" and not isinstance(value, bool):
+            return float(value)
+        if base == "int" and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base == "bool" and isinstance(value, bool):
+            return value
+        if base == "str" and isinstance(value, (str, Path)):
+            return str(value)
+        if base not in ("float", "int", "bool", "str"):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise TypeError(f"config key {name!r} must be {kind}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -245,13 +273,17 @@ def _shard(model: torch.nn.Module, dd: Dist, reshard_after_forward: bool) -> Non
     `reshard_after_forward`), one per frozen tower (forward only: always resharded) and the rest at the
     root (embeddings, projector, image markers, skip embedding, final norm, LM head)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(dd.device.type, (dd.world,))
     for block in model.llm.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     for tower in model.vision.towers():
         fully_shard(tower, mesh=mesh, reshard_after_forward=True)
+        # The model calls timm's feature API, not forward(): those methods gather the shards too.
+        for method in ("forward_features", "forward_head", "forward_intermediates"):
+            if hasattr(tower, method):
+                register_fsdp_forward_method(tower, method)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
@@ -304,7 +336,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, dd: 
         tmp.mkdir(parents=True)
     dd.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp), no_dist=not dd.enabled)
     torch.save(_rng_state(), tmp / f"rng_rank{dd.rank}.pt")
     dd.barrier()
     if dd.main:
@@ -325,7 +357,7 @@ def load_checkpoint(path: Path, model, optimizer, dd: Dist) -> dict:
 
     model_state, optim_state = get_state_dict(model, optimizer)
     both = {"model": model_state, "optim": optim_state}
-    dcp.load(both, checkpoint_id=str(path))
+    dcp.load(both, checkpoint_id=str(path), no_dist=not dd.enabled)
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     rng = path / f"rng_rank{dd.rank}.pt"
     if rng.exists():

@@ -1,5 +1,6 @@
 """The `sphinx-x` demos (what `make demo` runs) and the data helpers they use."""
 
+import json
 import re
 
 import numpy as np
@@ -79,3 +80,74 @@ def test_tiles_demo_backends_agree_in_float32(capsys):
     )
     assert [name for name, _ in rows] == ["cpu", "torch"]
     assert all(float(error) < 1e-5 for _, error in rows), rows
+
+
+# ------------------------------------------------------------------------ make-demo-data, train, eval, chat
+
+
+def test_make_demo_data_train_eval_chat_from_the_command_line(tmp_path, capsys):
+    import yaml
+
+    from sphinx_x.model import SphinxX
+
+    data, out = tmp_path / "demo", tmp_path / "run"
+    sizes = "--train-images 12 --heldout-images 4 --train-text 4 --heldout-text 2"
+    assert main(["make-demo-data", str(data), *sizes.split()]) == 0
+    showcase = re.search(r"(\S+showcase_2\.png)\s+'(.+?)'", capsys.readouterr().out)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny",
+                "model_overrides": {"canvas": 112, "llm.dim": 64, "llm.n_heads": 2, "llm.n_kv_heads": 1},
+                "data": str(data / "train.yaml"),
+                "eval_data": str(data / "heldout.jsonl"),
+                "eval_samples": 2,
+                "eval_max_new_tokens": 4,
+                "tokens_per_bin": 512,
+                "num_workers": 1,  # images decoded in a DataLoader worker process
+            }
+        )
+    )
+    with pytest.raises(SystemExit, match=r"unknown key 'lrr'.*did you mean 'lr'.*valid keys: model, "):
+        main(["train", "--config", str(config), "lrr=1e-3"])
+    with pytest.raises(SystemExit, match="config key 'lr' must be float"):
+        main(["train", "--config", str(config), "lr=fast"])
+
+    argv = [
+        "train",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--no-progress",
+        "lr=2e-3",
+    ]
+    assert main(argv) == 0
+    report = capsys.readouterr().out
+    assert re.search(r"^loss: [\d.]+ .* -> [\d.]+", report, re.M), report
+    assert re.search(r"throughput: \d+ tokens/s; skip tokens saved \d+ visual positions", report), report
+    for when in ("before", "after"):
+        assert re.search(rf"held-out {when} training: accuracy [\d.]+% on \d+ held-out questions", report), (
+            report
+        )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["fill"] <= 1 for r in rows)
+    assert (out / "model" / "model.safetensors").is_file()
+
+    assert main(["eval", "--checkpoint", str(out), "--data", str(data / "heldout.jsonl"), "--limit", "2",
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert re.search(
+        r"^accuracy [\d.]+% on \d+ held-out questions .*loss [\d.]+$", capsys.readouterr().out, re.M
+    )
+
+    image, question = showcase[1], showcase[2]
+    assert main(["chat", "--checkpoint", str(out), "--image", image, question, "--max-new-tokens", "6"]) == 0
+    answer = capsys.readouterr().out.splitlines()[-1]
+    assert answer.startswith("A: ")
+    # The streamed answer is what greedy generation gives for the same question.
+    model = SphinxX.from_pretrained(out / "model")
+    sample = {"image": image, "conversations": [{"from": "human", "value": question}]}
+    assert answer[3:] == model.generate([sample], max_new_tokens=6)[0]
