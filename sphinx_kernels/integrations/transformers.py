@@ -225,6 +225,8 @@ def _sdpa_attention(
         if causal and key.shape[2] > q_len:
             key, value = key[:, :, :q_len], value[:, :, :q_len]
         _check_window(sliding_window, key.shape[2])
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)  # an additive float mask made in another dtype (SDPA wants q's)
     group = heads // kv_heads
     q = query
     if group > 1 and q_len == 1 and (mask is None or mask.shape[1] == 1):
