@@ -24,7 +24,7 @@ def _randomise(module: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in module.parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.3 / p[0].numel() ** 0.5 * 3)
+                p.normal_(0.0, 0.9 / p[0].numel() ** 0.5)  # ~unit-gain per layer
             else:
                 p.uniform_(0.5, 1.5)
 
