@@ -1,6 +1,7 @@
 """End-to-end SPHINX-X throughput: our way against the original way, on the same samples, in one run.
 
-    python benchmarks/bench_e2e.py [--batch 8] [--rounds 3] [--no-sweeps] [--gpu] [--smoke] [--no-write]
+    python benchmarks/bench_e2e.py [--batch 8] [--rounds 3] [--parts train,aspect,batch,generate] [--gpu]
+                                   [--smoke] [--no-write]
 
 Training step (tile gathering + vision towers + LLM forward + backward + AdamW step), the candidates taking
 turns step by step (`harness.round_robin_medians`: CPU median of repeated runs; GPU synchronised):
@@ -110,11 +111,13 @@ def make_samples(
     seed: int,
     aspect: str | None = None,
     kinds: Sequence[str] | None = None,
+    reserve: int = 0,
     device: str = "cpu",
 ) -> list[dict]:
     """`n` training samples: uint8 ``(H, W, 3)`` images on `device` (all of aspect `aspect`, else drawn from
     the `ASPECTS` mix) and conversations drawn from `KINDS` (only `kinds` if given); a sample whose no-skip
-    layout would exceed the LLM's ``max_seq_len`` is drawn again."""
+    layout plus `reserve` positions (tokens to generate) would exceed the LLM's ``max_seq_len`` is drawn
+    again."""
     rng = random.Random(seed)
     shares = {k: v for k, v in KINDS.items() if kinds is None or k in kinds}
     gen = torch.Generator().manual_seed(seed)
@@ -128,7 +131,7 @@ def make_samples(
         conv = _conversation(rng, kind)
         size = None if kind == "text" else ASPECTS[aspect or _pick(rng, ASPECTS)][0]
         text = len(tokenize_conversation(model.tokenizer, conv)[0]) + 1
-        if text + (0 if size is None else (1 + g * g) * per_view) > model.config.llm.max_seq_len:
+        if text + reserve + (0 if size is None else (1 + g * g) * per_view) > model.config.llm.max_seq_len:
             continue
         image = None
         if size is not None:
@@ -447,10 +450,13 @@ def train_rows(
 def _report_train(wl: Workload, variants, seconds: dict[str, float], losses: dict[str, float]) -> None:
     full_real = wl.full.num_tokens
     pad = wl.pad[False]
-    print(
-        f"\n  views encoded: ours {wl.views_kept}, original {wl.views_all} "
-        f"({wl.views_all - wl.views_kept} not encoded, {100 * (1 - wl.views_kept / max(wl.views_all, 1)):.0f}%)"
-    )
+    if wl.views_all:
+        print(
+            f"\n  views encoded: ours {wl.views_kept}, original {wl.views_all} "
+            f"({wl.views_all - wl.views_kept} not encoded, {100 * (1 - wl.views_kept / wl.views_all):.0f}%)"
+        )
+    else:
+        print("\n  no image in this batch")
     print(
         f"  LLM positions: ours {wl.tokens} packed; original {pad.B * pad.L} = {pad.B} x {pad.L} padded "
         f"({pad.B * pad.L - full_real} pads + {full_real - wl.tokens} positions of tiles skip tokens replace: "
@@ -659,9 +665,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu", action="store_true", help="CUDA, the 1B-class preset sphinx-tiny in bf16")
     parser.add_argument(
-        "--no-sweeps", action="store_true", help="skip the aspect-ratio and batch-size sweeps"
+        "--parts",
+        default="train,aspect,batch,generate",
+        help="comma-separated: train (the mix, every variant), aspect (ours vs original per aspect ratio, "
+        "batch/2 samples), batch (ours vs original at batch/4 and batch/2), generate",
     )
-    parser.add_argument("--no-generate", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 16; 64 GPU)")
     parser.add_argument("--smoke", action="store_true", help="smallest sizes, one round (tests)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -680,32 +688,44 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     model = build_model(name, device, args.seed, **(SMOKE_OVERRIDES if args.smoke else {}))
     where = "gpu" if args.gpu else "cpu"
 
+    parts = set(args.parts.split(","))
     rows: list[Row] = []
+
+    def done(new: list[Row]) -> None:
+        # Rows are appended as each part ends: a long CPU run that is stopped keeps what it measured.
+        rows.extend(new)
+        if not args.no_write and new:
+            write(new, args.results)
+
     kinds = ("short",) if args.smoke else None
-    mix = make_samples(model, batch, seed=args.seed, kinds=kinds, device=device)
-    print(f"training step, {name}, {batch} samples of the aspect/conversation mix, {rounds} rounds")
-    rows += train_rows(model, mix, f"train {where} mix", "mix", VARIANTS, rounds)
-    if not (args.no_sweeps or args.smoke):
-        pair = (OURS, ORIGINAL)
+    if "train" in parts:
+        mix = make_samples(model, batch, seed=args.seed, kinds=kinds, device=device)
+        print(f"training step, {name}, {batch} samples of the aspect/conversation mix, {rounds} rounds")
+        done(train_rows(model, mix, f"train {where} mix", "mix", VARIANTS, rounds))
+    pair = (OURS, ORIGINAL)
+    if "aspect" in parts and not args.smoke:
         sweep = max(batch // 2, 2)
         for aspect in ASPECTS:
             samples = make_samples(model, sweep, seed=args.seed + 1, aspect=aspect, device=device)
             print(f"\naspect {aspect}: {sweep} samples")
-            rows += train_rows(model, samples, f"train {where} aspect {aspect}", aspect, pair, rounds)
-        for b in (batch // 4, batch // 2, batch * 2):
+            done(train_rows(model, samples, f"train {where} aspect {aspect}", aspect, pair, rounds))
+    if "batch" in parts and not args.smoke:
+        for b in (batch // 4, batch // 2):
             if b >= 2:
                 samples = make_samples(model, b, seed=args.seed + 2, device=device)
                 print(f"\nmix, {b} samples")
-                rows += train_rows(model, samples, f"train {where} mix B={b}", "mix", pair, rounds)
-    if not args.no_generate:
+                done(train_rows(model, samples, f"train {where} mix B={b}", "mix", pair, rounds))
+    if "generate" in parts:
         sizes = (1, 2) if args.smoke else (1, 16)
-        gen_samples = make_samples(model, max(sizes), seed=args.seed + 3, kinds=kinds, device=device)
+        gen_samples = make_samples(
+            model, max(sizes), seed=args.seed + 3, kinds=kinds, reserve=new_tokens, device=device
+        )
         for b in sizes:
-            rows += generation_rows(model, gen_samples, b, new_tokens, rounds)
+            done(generation_rows(model, gen_samples, b, new_tokens, rounds))
     print_table([r for r in rows if r.case.startswith("train")], baseline=ORIGINAL.name)
     print_table([r for r in rows if r.case.startswith("generate")], baseline=PADDED_GEN)
-    if not args.no_write:
-        print(f"\nrows appended to {write(rows, args.results)}")
+    if not args.no_write and rows:
+        print(f"\nrows appended to {args.results / 'e2e.csv'}")
     return rows
 
 

@@ -45,6 +45,7 @@ $PY -c "import sphinx_kernels as sk; print(*sk.backends().values(), sep='\n')" >
 step tests_gpu 150 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests
 step tests_cuda 150 $PY -m pytest -q -p no:cacheprovider -m "not gpu" \
   tests/test_attention.py tests/test_moe.py tests/test_tiles.py tests/test_packing.py
+step flash_matrix 120 $PY -m pytest -q -p no:cacheprovider -k triton tests/test_attention_flash_matrix.py
 step demo_kernels 60 $PY -m sphinx_x.cli kernels
 
 # GPU rows only (the CPU rows are measured on the CI-class machine).
@@ -52,7 +53,7 @@ step bench_attention 90 $PY benchmarks/bench_attention.py --gpu-only
 step bench_moe 90 $PY benchmarks/bench_moe.py --no-cpu
 step bench_tiles 60 $PY benchmarks/bench_tiles.py
 step bench_transformers 60 $PY benchmarks/bench_transformers.py
-step bench_e2e 150 $PY benchmarks/bench_e2e.py --gpu --no-sweeps --rounds 3
+step bench_e2e 150 $PY benchmarks/bench_e2e.py --gpu --parts train,generate
 
 cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
 echo "total: $(($(date +%s) - START)) s" >> "$OUT/env.txt"
