@@ -212,10 +212,12 @@ def test_reference_matches_explicit_weights(seed, size):
     views = tile_gather_ref([image], dtype=torch.float64)
     (gh, gw), (rh, rw) = plan.global_sizes[0], plan.resized_sizes[0]
     # The float64 reference is judged like any output: against a more precise one (the explicit weights in
-    # x87 long double), with the explicit weights in float64 as the same-dtype yardstick.
-    for name, got, size, crop in (
-        ("global view", views[0, :, :gh, :gw], (gh, gw), None),
-        ("tile (0, 0)", views[1, :, : min(rh, 224), : min(rw, 224)], (rh, rw), slice(0, 224)),
+    # x87 long double), with the explicit weights in float64 as the same-dtype yardstick. The top-left 112x112
+    # of each view: long double products run in plain loops (the whole 479x641 case took ~10 s).
+    crop = slice(0, 112)
+    for name, got, size in (
+        ("global view", views[0, :, : min(gh, 112), : min(gw, 112)], (gh, gw)),
+        ("tile (0, 0)", views[1, :, : min(rh, 112), : min(rw, 112)], (rh, rw)),
     ):
         exact = normalised_explicit(image, size, crop, crop, np.longdouble).astype(np.float64)
         same_dtype = normalised_explicit(image, size, crop, crop)
