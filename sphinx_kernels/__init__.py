@@ -4,13 +4,7 @@ Importing needs no GPU, no compiler and no built extension; ``backends()`` says 
 """
 
 from sphinx_kernels._backend import BackendStatus, backends
-from sphinx_kernels.attention import (
-    apply_rotary,
-    apply_rotary_ref,
-    position_ids_from_cu_seqlens,
-    varlen_attention,
-    varlen_attention_ref,
-)
+from sphinx_kernels.attention import varlen_attention, varlen_attention_ref
 from sphinx_kernels.moe import (
     MoEAux,
     grouped_mm,
@@ -24,6 +18,7 @@ from sphinx_kernels.moe import (
     unpermute,
 )
 from sphinx_kernels.packing import PackedBatch, pack_bins, pack_sequences, unpack
+from sphinx_kernels.rope import apply_rotary, apply_rotary_ref, position_ids_from_cu_seqlens
 from sphinx_kernels.tiles import (
     CLIP_MEAN,
     CLIP_STD,

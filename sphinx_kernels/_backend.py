@@ -207,3 +207,21 @@ def select(
         if _runs_on(name, device, op)[0]:
             return name
     return "torch"
+
+
+# The engines behind attention's backend names: one name, one meaning to the user ("torch" is PyTorch), and
+# each engine a distinct path with its own name (sphinx_kernels.attention.op lists them).
+def attention_engine(backend: str, device_type: str, compiling: bool) -> str:
+    """The attention engine that runs backend `backend` (``select``'s answer) on `device_type` tensors.
+
+    ``torch`` on CPU tensors is ``torch_cpu`` (PyTorch's CPU flash kernels per sequence in one registered op,
+    eager or compiled); elsewhere ``torch_autograd`` (the reference under plain autograd: no recompute in
+    backward) in eager mode and ``torch_formula`` (the reference inside the op with the softmax-backward
+    formula) under torch.compile, whose graph cannot hold the reference's host-side loop. ``triton`` and
+    ``flash_attn`` are their own engines.
+    """
+    if backend != "torch":
+        return backend
+    if device_type == "cpu":
+        return "torch_cpu"
+    return "torch_formula" if compiling else "torch_autograd"
