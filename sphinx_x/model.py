@@ -249,6 +249,15 @@ class SphinxX(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.llm.tok_embeddings.weight.dtype
 
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute each LLM block in backward while training (`LLM.activation_checkpointing`)."""
+        return self.llm.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        self.llm.activation_checkpointing = bool(value)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter but the frozen vision towers' (LLM, projection, img_start/end, skip token)."""
         frozen = {id(p) for tower in self.vision.towers() for p in tower.parameters()}

@@ -243,6 +243,9 @@ def test_dense_model_trains_a_step(seed):
     out = model(batch)
     assert out.expert_counts_image is None and out.aux_loss.item() == 0.0
     out.loss.backward()
+    model.activation_checkpointing = True  # the LLM's switch (its own tests check the recomputation)
+    assert model.llm.activation_checkpointing
+    model.activation_checkpointing = False
     assert all(p.grad is None for t in model.vision.towers() for p in t.parameters())
     assert model.skip_token.grad is not None and model.skip_token.grad.abs().sum() > 0
     torch.optim.SGD(model.trainable_parameters(), lr=0.5).step()
