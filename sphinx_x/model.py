@@ -219,6 +219,14 @@ class SphinxX(nn.Module):
                 f"the tokenizer has {len(tokenizer)} tokens but llm.vocab_size is {config.llm.vocab_size}: "
                 "config.tokenizer does not belong to this LLM"
             )
+        if isinstance(tokenizer, BundledTokenizer) and len(tokenizer) * 2 < config.llm.vocab_size:
+            logger.warning(
+                "%s uses the bundled %d-token test tokenizer with a %d-token LLM: set config.tokenizer (or "
+                "llm_weights) to the LLM's Hugging Face folder for real use",
+                config.name,
+                len(tokenizer),
+                config.llm.vocab_size,
+            )
         self.bos_id: int | None = tokenizer.bos_token_id
 
         if config.llm_weights is not None and device.type != "meta":
