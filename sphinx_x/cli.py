@@ -381,7 +381,10 @@ def train_cmd(args: argparse.Namespace) -> int:
         raise SystemExit(f"sphinx-x train: {exc}") from None
     _logging()
     with logging_redirect_tqdm():
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        try:
+            result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        except ValueError as exc:  # bad data, config or folder: the message says which and where
+            raise SystemExit(f"sphinx-x train: {exc}") from None
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if result.losses:

@@ -42,6 +42,15 @@ MIXES = {
 OPPOSITES = {"big": "small", "hot": "cold", "up": "down", "left": "right", "day": "night", "open": "closed"}
 OPPOSITES.update({v: k for k, v in OPPOSITES.items()})
 
+# Questions per image sample: several share one image and one system prompt (a sample's fixed cost).
+MIN_TURNS, MAX_TURNS = 3, 5
+# How often each kind of question is asked (relative): a box answer is ~26 tokens of digits against 3-8 for
+# the others, so at equal odds boxes would be half of all supervised tokens while being the slowest to learn.
+KIND_WEIGHTS = {"count": 1.0, "colour": 2.0, "shape": 1.0, "exists": 2.0, "side": 1.0, "box": 0.3}
+# Half of the images hold one large shape: its colour then fills a good share of the visual tokens, a signal
+# a tiny decoder picks up in a few hundred steps (small shapes among many tokens take it thousands).
+SHAPE_COUNTS, SHAPE_COUNT_ODDS = (1, 2, 3), (0.5, 0.3, 0.2)
+
 # The three showcase images of the held-out split: (width, height, [(colour, kind, x0, y0, x1, y1)], question,
 # answer, question kind). Fixed so that `make demo` can name them.
 SHOWCASES = (
@@ -87,14 +96,14 @@ def _random_image(rng: np.random.Generator):
     long_side = int(rng.integers(144, 193))
     scale = long_side / max(aw, ah)
     width, height = max(24, round(aw * scale)), max(24, round(ah * scale))
-    n = int(rng.integers(1, 4))
+    n = int(rng.choice(SHAPE_COUNTS, p=SHAPE_COUNT_ODDS))
     colours = rng.choice(list(COLOURS), size=n, replace=False).tolist()
     kinds = rng.choice(KINDS, size=n, replace=False).tolist()
     short = min(width, height)
     shapes = []
     for colour, kind in zip(colours, kinds, strict=True):
         for _ in range(200):  # rejection sampling of non-overlapping boxes (with a margin)
-            side = int(short * rng.uniform(0.45, 0.7)) if n == 1 else int(short * rng.uniform(0.35, 0.55))
+            side = int(short * (rng.uniform(0.6, 0.9) if n == 1 else rng.uniform(0.4, 0.6)))
             side = min(side, short - 4)
             x0, y0 = int(rng.integers(2, width - side - 1)), int(rng.integers(2, height - side - 1))
             box = (x0, y0, x0 + side, y0 + side)
@@ -119,9 +128,7 @@ def _questions(rng: np.random.Generator, width: int, height: int, shapes) -> lis
     for colour, kind, *box in shapes:
         qs.append((f"What colour is the {kind}?", colour, "colour"))
         qs.append((f"What shape is the {colour} one?", kind, "shape"))
-        qs.append(
-            (f"Where is the {colour} {kind}? Answer with its box.", _box_text(box, width, height), "box")
-        )
+        qs.append((f"Give the box of the {colour} {kind}.", _box_text(box, width, height), "box"))
         # Which side, only where it is clear (centre outside the middle fifth), along the long axis.
         if width >= height:
             centre = (box[0] + box[2]) / 2 / width
@@ -149,9 +156,11 @@ def _image_samples(rng, folder: Path, prefix: str, count: int) -> list[dict]:
     for i in range(count):
         width, height, shapes = _random_image(rng)
         name = f"{prefix}_{i:05d}.png"
-        _render(folder / name, width, height, shapes, tuple(int(c) for c in rng.integers(228, 256, size=3)))
+        _render(folder / name, width, height, shapes, tuple(int(c) for c in rng.integers(238, 256, size=3)))
         qs = _questions(rng, width, height, shapes)
-        picks = rng.choice(len(qs), size=min(len(qs), int(rng.integers(2, 5))), replace=False)
+        weights = np.array([KIND_WEIGHTS[q[2]] for q in qs])
+        turns = min(len(qs), int(rng.integers(MIN_TURNS, MAX_TURNS + 1)))
+        picks = rng.choice(len(qs), size=turns, replace=False, p=weights / weights.sum())
         samples.append(
             {
                 "id": f"{prefix}-{i}",

@@ -569,8 +569,10 @@ def train(
     model = _build_model(cfg, dd.device)
     budget = cfg.tokens_per_bin
     samples = sxdata.load_mix(cfg.data, seed=cfg.seed)
+    # A sample must fit a bin and the LLM's context (a bin holds several sequences of at most max_seq_len).
+    limit = min(budget, model.config.llm.max_seq_len)
     samples, lengths, stats = sxdata.measure(
-        samples, model.sample_length, budget, too_long=cfg.too_long, on_bad_image=cfg.on_bad_image
+        samples, model.sample_length, limit, too_long=cfg.too_long, on_bad_image=cfg.on_bad_image
     )
     if not samples:
         raise ValueError(f"no usable sample in {cfg.data}: {stats.as_dict()}")
@@ -605,7 +607,12 @@ def train(
             eval_samples = eval_samples[: cfg.eval_samples]
 
     ckpt_dir = out / "checkpoints"
-    found = checkpoints(ckpt_dir) if resume else []
+    found = checkpoints(ckpt_dir)
+    if found and not resume:
+        raise ValueError(
+            f"{ckpt_dir} already holds checkpoints (newest {found[-1].name}): resume=True (--resume) continues "
+            "that run; to start over remove the folder or choose another out"
+        )
     if eval_samples is not None and not found and dd.main:
         result.eval_before = evaluate(model, eval_samples, max_new_tokens=cfg.eval_max_new_tokens)
         logger.info("before training: %s", result.eval_before.summary())

@@ -189,6 +189,9 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one_bitwise(demo, tmp_
         "step_00000003",
     ]
 
+    with pytest.raises(ValueError, match="already holds checkpoints .*step_00000003.*resume"):
+        sxt.train(part, progress=False)  # starting over into a run's folder would mix two runs
+
     # A kill in the middle of writing the next checkpoint: the last good one stays, the torn one is ignored.
     import torch.distributed.checkpoint as dcp
 
@@ -248,3 +251,29 @@ def test_answer_matching_rules():
     assert sxt.answer_matches("[0.10, 0.20, 0.50, 0.60]", "[0.12, 0.20, 0.50, 0.62]")
     assert not sxt.answer_matches("[0.60, 0.20, 0.90, 0.60]", "[0.10, 0.20, 0.50, 0.60]")
     assert not sxt.answer_matches("somewhere", "[0.10, 0.20, 0.50, 0.60]")
+
+
+def test_every_bundled_config_loads_and_names_a_preset():
+    from sphinx_x.config import get_config, list_configs
+
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {sxt.TrainConfig.load(f).model for f in files} >= {"tiny", "tiny-moe"} | set(list_configs()) - {
+        "tiny"
+    }
+    for f in files:
+        cfg = sxt.TrainConfig.load(f)
+        get_config(cfg.model, **cfg.model_overrides)  # validates every override against the preset
+
+
+def test_moe_training_adds_the_balance_loss_and_logs_expert_load(demo, tmp_path, seed):
+    cfg = _config(
+        demo, tmp_path / "moe", model="tiny-moe", max_steps=2, aux_loss_weight=0.05, seed=seed % 1000
+    )
+    cfg.model_overrides = {**SMALL_MODEL, "llm.moe_ffn_dim": 32}
+    result = sxt.train(cfg, progress=False)
+    rows = _metrics(tmp_path / "moe")
+    assert result.steps == 2 and all(
+        0 < r["aux_loss"] < 4 for r in rows
+    )  # Switch loss: 1 when balanced, <= E
+    # Every (token, slot) pair lands on some expert: the loads are shares of the mean, so >= 1.
+    assert all(r["expert_max_load_image"] >= 1 and r["expert_max_load_text"] >= 1 for r in rows)
