@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import platform
 import random
 import statistics
 import sys
@@ -393,14 +392,8 @@ def train_step(workload: Workload, v: Variant, opt: torch.optim.Optimizer) -> No
 
 
 def env_row() -> dict[str, str]:
-    """harness.environment() plus the CPU model and core count."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {**environment(), "cpu": cpu, "cores": str(os.cpu_count())}
+    """`harness.environment()` (device, CPU model and ISA, cores, threads, GPU, date, versions, load average)."""
+    return environment()
 
 
 def shape_of(model: SphinxX, wl: Workload, aspect: str) -> str:

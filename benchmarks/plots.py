@@ -111,6 +111,7 @@ def _e2e_tokens(results: Path, path: Path) -> Path | None:
         return None
     fig, axes = _figure(len(devices))
     for ax, (device, group) in zip(axes, devices.items(), strict=True):
+        rates = {}
         for backend, colour in (("ours", OURS_COLOUR), ("original", PEER_COLOUR)):
             pts = sorted(
                 (int(_fields(r["shape"])["tokens"]), _float(r["rate"]))
@@ -119,6 +120,12 @@ def _e2e_tokens(results: Path, path: Path) -> Path | None:
             )
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color=colour, label=backend)
+            rates[backend] = dict(pts)
+        # Each ratio is within one run; absolute rates of different runs move with the machine's load.
+        for x, y in rates.get("ours", {}).items():
+            if x in rates.get("original", {}):
+                ax.annotate(f"{y / rates['original'][x]:.2f}x", (x, y), textcoords="offset points",
+                            xytext=(0, 5), ha="center", fontsize=8)  # fmt: skip
         ax.set_xlabel("tokens per step (samples' positions, skip-token layout)")
         ax.set_ylabel("tokens/s")
         ax.set_title(device, fontsize=9)

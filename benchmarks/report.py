@@ -180,6 +180,11 @@ FAMILIES: dict[str, Family] = {
         ours=("sphinx+sphinx",),
         peers=("sdpa+grouped_mm", "eager+eager"),
     ),
+    "e2e": Family(
+        "python benchmarks/bench_e2e.py",
+        ours=("ours", "skip only", "packing only", "kernels only", "ours (packed cache)"),
+        peers=("original", "padded (left-pad, padded cache)"),
+    ),
 }
 
 
@@ -323,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.readme.write_text(new)
     report = args.report or args.results / "REPORT.md"
+    from plots import render  # benchmarks/plots.py: the figures, written beside REPORT.md
+
+    figures = render(args.results, report.parent)
+    SECTIONS.insert(0, lambda _k, _e: "\n\n".join(["## Figures", *(f"![{t}]({p.name})" for t, p in figures)]))
     report.write_text(report_markdown(kept, every))
     print(f"wrote the Measured table of {args.readme} ({len(kept)} rows) and {report}")
     return 0
