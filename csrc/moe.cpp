@@ -299,7 +299,9 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y_sorted, const at::Tensor& row_m
 
 // Gradients of unpermute in one pass over the tokens: grad_y[row_map[t, j]] = weights[t, j] * grad[t] (each
 // sorted row belongs to exactly one (token, slot): a scatter, never a sum) and grad_weights[t, j] =
-// <grad[t], y_sorted[row_map[t, j]]>, accumulated in float (double for double).
+// <grad[t], y_sorted[row_map[t, j]]>, accumulated in double: a sequential float sum over d is ~d/2 ulps
+// off, 3x PyTorch's vectorised sum in the router's gradient (seed 2107923499 of test_moe_mlp_against_loop
+// [cpu-multi_tile], d 45); in double the dot is exact to float rounding, at the cost of T*k*d FMAs.
 std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward_cpu(const at::Tensor& grad, const at::Tensor& y_sorted,
                                                               const at::Tensor& row_map, const at::Tensor& weights) {
   check_moe_unpermute_args(y_sorted, row_map, weights);
@@ -326,11 +328,11 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_backward_cpu(const at::Tensor& 
           const acc_t wj = static_cast<acc_t>(w[t * k + j]);
           const scalar_t* y_row = y + r * d;
           scalar_t* gy_row = gy + r * d;
-          acc_t dot = 0;
+          double dot = 0;
           for (int64_t c = 0; c < d; ++c) {
             const acc_t gc = static_cast<acc_t>(g_row[c]);
             gy_row[c] = static_cast<scalar_t>(wj * gc);
-            dot += gc * static_cast<acc_t>(y_row[c]);
+            dot += static_cast<double>(gc) * static_cast<double>(y_row[c]);
           }
           gw[t * k + j] = static_cast<float>(dot);
         }
