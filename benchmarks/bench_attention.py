@@ -7,8 +7,8 @@
 On a 2-core machine shared with other jobs, 2 OpenMP threads made single runs 2-40x slower at random
 (oversubscribed spin-waits); one thread gave runs within 5% of each other.
 
-CPU: a multimodal length mix (each sequence 300..3000 tokens, drawn with a fixed seed), causal, fp32,
-forward + backward, median of repeated runs (round-robin over the variants), as ratios against padded SDPA:
+CPU: a multimodal length mix (each sequence 300..3000 tokens, drawn with a fixed seed), causal, fp32, bf16 and
+fp16, forward + backward, median of repeated runs (round-robin over the variants), as ratios against padded SDPA:
 every sequence right-padded to the longest and one batched ``scaled_dot_product_attention``, either
 ``is_causal=True`` (``padded_sdpa``: with right padding the causal mask already hides the padding keys from
 every real query, so this is the cheapest correct padded baseline) or with the explicit causal + key-padding
@@ -16,6 +16,10 @@ mask a padded pipeline passes (``padded_sdpa(mask)``, Hugging Face's 4-D mask); 
 (a Python loop, K/V heads via ``enable_gqa``, plain autograd). Our CPU path is the ``torch`` backend (the
 automatic choice on CPU): the same CPU flash kernels per sequence, but inside one registered op whose backward
 writes packed gradients directly and repeats k/v per q head (so it is not the per-sequence loop's autograd).
+In bf16 its backward, and in fp16 all of it, runs in fp32 (PyTorch's low-precision CPU backward misses
+flash-attn's accuracy bar, and this CPU has no fast fp16 kernel): the bf16/fp16 rows show what that costs
+against per-sequence SDPA in the same dtype. The fp16 rows leave out the padded variants (native fp16 SDPA on
+the padded batch takes minutes per round here).
 
 Decode (CPU and GPU): one new query per sequence against its cached keys (Hq 32, Hkv 8, D 128), our packed
 cache with ``cu_seqlens_k`` against one batched SDPA over the right-padded cache with a key-padding mask; the
@@ -126,6 +130,8 @@ def step_fns(lengths, q, k, v, do, device, backward: bool):
         finish(torch.cat(outs), do)
 
     fns = {"padded_sdpa": padded_sdpa, "padded_sdpa(mask)": padded_sdpa_mask}
+    if device == "cpu" and q.dtype == torch.float16:
+        fns = {}
     if device == "cpu":
         fns["per_sequence_sdpa"] = per_sequence_sdpa
         fns["sphinx_kernels(torch)"] = packed("torch")
@@ -236,10 +242,15 @@ def _has_flash_attn() -> bool:
 def cpu_rows(args) -> list[Row]:
     rng = random.Random(args.seed)
     lengths = [rng.randint(300, 3000) for _ in range(args.sequences)]
-    case = "cpu multimodal mix 300..3000"
-    rows = measure(
-        case, lengths, args.heads, args.kv_heads, args.head_dim, torch.float32, "cpu", args.repeats, True
-    )
+    rows = []
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        case = "cpu multimodal mix 300..3000" + ("" if dtype == torch.float32 else f" {name}")
+        rows += measure(
+            case, lengths, args.heads, args.kv_heads, args.head_dim, dtype, "cpu", args.repeats, True
+        )
+    if args.no_decode:
+        return rows
     return rows + decode_rows("cpu decode, caches 300..3000", lengths, torch.float32, "cpu", 3 * args.repeats)
 
 
@@ -281,6 +292,8 @@ def main() -> None:
         "--threads", type=int, default=0, help="CPU threads (0: torch's default); 1 is stable on a shared box"
     )
     parser.add_argument("--gpu-only", action="store_true")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="CPU training rows' dtypes")
+    parser.add_argument("--no-decode", action="store_true", help="leave out the CPU decode rows")
     parser.add_argument("--no-write", action="store_true", help="do not append rows to benchmarks/results")
     args = parser.parse_args()
     if args.threads:
