@@ -17,6 +17,12 @@ tests, causal, batch 5 x 6 heads: bf16 seqlen 384 d 32 dV 0.0625 against 0.0156)
   dK/dV summed over grouped-query heads in float32 and rounded once. Same machine: native bf16 forward 80 ms
   vs 88 ms fp32; the bf16 backward (175 ms vs 223 ms fp32) misses the bar, so its speed cannot be kept.
 - float32/float64: native.
+
+Measured with flash-attn's qkvpacked inputs (causal, batch 5 x 6 heads, random padding), max error over the
+same-dtype plain-ops error (the bar is 2): this engine dQ/dK/dV <= 1.0 in every case (seqlen 200 d 32 fp16,
+384 d 32 bf16, 512 d 128 fp16, 2048 d 64 bf16); native low-precision SDPA dK 2.0, dV up to 4.0 (512 d 128
+fp16). Cost on the benchmark's mix (T 13908, causal fwd+bwd, 1 thread): fp32 1.09x per-sequence SDPA, bf16
+0.69x per-sequence bf16 SDPA (which misses the bar), fp16 6.9x per-sequence fp16 SDPA.
 """
 
 from __future__ import annotations
