@@ -43,13 +43,13 @@ OPPOSITES = {"big": "small", "hot": "cold", "up": "down", "left": "right", "day"
 OPPOSITES.update({v: k for k, v in OPPOSITES.items()})
 
 # Questions per image sample: several share one image and one system prompt (a sample's fixed cost).
-MIN_TURNS, MAX_TURNS = 3, 5
+MIN_TURNS, MAX_TURNS = 2, 3
 # How often each kind of question is asked (relative): a box answer is ~26 tokens of digits against 3-8 for
 # the others, so at equal odds boxes would be half of all supervised tokens while being the slowest to learn.
-KIND_WEIGHTS = {"count": 1.0, "colour": 2.0, "shape": 1.0, "exists": 2.0, "side": 1.0, "box": 0.3}
-# Half of the images hold one large shape: its colour then fills a good share of the visual tokens, a signal
+KIND_WEIGHTS = {"count": 1.0, "colour": 3.0, "shape": 1.0, "exists": 1.0, "side": 1.0, "box": 0.3}
+# Most images hold one large shape: its colour then fills a good share of the visual tokens, a signal
 # a tiny decoder picks up in a few hundred steps (small shapes among many tokens take it thousands).
-SHAPE_COUNTS, SHAPE_COUNT_ODDS = (1, 2, 3), (0.5, 0.3, 0.2)
+SHAPE_COUNTS, SHAPE_COUNT_ODDS = (1, 2, 3), (0.7, 0.2, 0.1)
 
 # The three showcase images of the held-out split: (width, height, [(colour, kind, x0, y0, x1, y1)], question,
 # answer, question kind). Fixed so that `make demo` can name them.
