@@ -270,20 +270,16 @@ def setup_distributed() -> Dist:
 
 def _shard(model: torch.nn.Module, dd: Dist, reshard_after_forward: bool) -> None:
     """FSDP2: one parameter group per LLM block (gathered just in time, freed or kept after forward per
-    `reshard_after_forward`), one per frozen tower (forward only: always resharded) and the rest at the
-    root (embeddings, projector, image markers, skip embedding, final norm, LM head)."""
+    `reshard_after_forward`) and the rest at the root (embeddings, towers, projector, image markers, skip
+    embedding, final norm, LM head)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(dd.device.type, (dd.world,))
     for block in model.llm.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    for tower in model.vision.towers():
-        fully_shard(tower, mesh=mesh, reshard_after_forward=True)
-        # The model calls timm's feature API, not forward(): those methods gather the shards too.
-        for method in ("forward_features", "forward_head", "forward_intermediates"):
-            if hasattr(tower, method):
-                register_fsdp_forward_method(tower, method)
+    # The frozen towers stay in the root group: a rank whose bin is text-only never calls them, and a unit of
+    # their own would then all-gather on some ranks only (a collective mismatch).
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
@@ -685,6 +681,8 @@ def train(
             # FSDP averages gradients over ranks: scale by world so the step's gradient is that of the
             # global mean over supervised tokens (plus the mean aux loss over all micro-batches).
             ce = output.loss * (w * dd.world / n_global)
+            if dd.enabled:
+                ce = ce + _touch_root_params(model)
             aux = output.aux_loss * (w * aux_weight / cfg.grad_accum)
             (ce + aux).backward()
             loss_sum += output.loss.detach().double().cpu() * (w / n_global)
@@ -773,6 +771,17 @@ def train(
 
 _PLACEHOLDER = {"id": "placeholder", "image": None, "conversations": [
     {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hi"}]}  # fmt: skip
+
+
+def _touch_root_params(model) -> torch.Tensor:
+    """0 x the root group's trainable parameters: a bin without images (or without a skipped tile) leaves the
+    projector, image markers or skip embedding without a gradient on that rank, and FSDP reduce-scatters only
+    parameters that have one: ranks would disagree on the sizes. Exact zeros change no gradient."""
+    total = torch.zeros((), device=model.llm.tok_embeddings.weight.device)
+    for name, p in model.named_parameters():
+        if p.requires_grad and not name.startswith("llm.layers.") and not hasattr(p, "full_tensor"):
+            total = total + p.sum() * 0.0
+    return total
 
 
 def _skip_saving(model, sample: dict) -> int:

@@ -276,4 +276,5 @@ def test_moe_training_adds_the_balance_loss_and_logs_expert_load(demo, tmp_path,
         0 < r["aux_loss"] < 4 for r in rows
     )  # Switch loss: 1 when balanced, <= E
     # Every (token, slot) pair lands on some expert: the loads are shares of the mean, so >= 1.
-    assert all(r["expert_max_load_image"] >= 1 and r["expert_max_load_text"] >= 1 for r in rows)
+    assert all(r["expert_max_load_text"] >= 1 for r in rows)
+    assert all(r["expert_max_load_image"] >= 1 or r["images_per_s"] == 0 for r in rows)  # a text-only bin: 0
