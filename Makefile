@@ -37,12 +37,19 @@ lint: venv
 test: build lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job: bundled demo data, a one-stage training run of the tiny preset, then chat on held-out images.
+# The kernel-only runs stay available as `sphinx-x tiles` and `sphinx-x kernels`.
 demo: build
-	$(VENV)/bin/sphinx-x tiles
-	$(VENV)/bin/sphinx-x kernels
+	rm -rf build/demo
+	$(VENV)/bin/sphinx-x make-demo-data build/demo
+	$(VENV)/bin/sphinx-x train --config configs/demo.yaml
+	$(VENV)/bin/sphinx-x chat --checkpoint build/demo/run --image build/demo/images/showcase_0.png "Is the red circle on the left or the right?"
+	$(VENV)/bin/sphinx-x chat --checkpoint build/demo/run --image build/demo/images/showcase_1.png "How many shapes are there?"
+	$(VENV)/bin/sphinx-x chat --checkpoint build/demo/run --image build/demo/images/showcase_2.png "What colour is the triangle?"
 
 bench: build
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/report.py
 
 # The standalone CMake build of the same sources (csrc/build.json) into build/cmake.
 cmake: venv
