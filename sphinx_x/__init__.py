@@ -21,9 +21,9 @@ _EXPORTS = {
     "get_config": "sphinx_x.config",
     "list_configs": "sphinx_x.config",
     "SphinxX": "sphinx_x.model",
-    "SphinxBatch": "sphinx_x.model",
-    "SphinxOutput": "sphinx_x.model",
-    "load_tokenizer": "sphinx_x.model",
+    "SphinxBatch": "sphinx_x.batch",
+    "SphinxOutput": "sphinx_x.batch",
+    "load_tokenizer": "sphinx_x.tokenizer",
     "LLM": "sphinx_x.llm",
     "LLMConfig": "sphinx_x.llm",
 }
@@ -42,9 +42,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from sphinx_x.batch import SphinxBatch, SphinxOutput
     from sphinx_x.config import SphinxXConfig, VisionConfig, get_config, list_configs
     from sphinx_x.llm import LLM, LLMConfig
-    from sphinx_x.model import SphinxBatch, SphinxOutput, SphinxX, load_tokenizer
+    from sphinx_x.model import SphinxX
+    from sphinx_x.tokenizer import load_tokenizer
 
 
 def __getattr__(name: str) -> Any:
