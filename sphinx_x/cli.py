@@ -435,7 +435,7 @@ def chat_cmd(args: argparse.Namespace) -> int:
 
 def eval_cmd(args: argparse.Namespace) -> int:
     from sphinx_x.data import read_samples
-    from sphinx_x.train import evaluate
+    from sphinx_x.evaluate import evaluate
 
     model = _load_model(args.checkpoint, args.device)
     samples = read_samples(args.data)

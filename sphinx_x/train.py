@@ -5,9 +5,9 @@ conversation datasets. AdamW (betas 0.9 / 0.95, weight decay 0 by default and ne
 linear warmup over the first 0.01 epoch then cosine to ``min_lr``, gradient clipping, gradient
 accumulation, bf16 autocast on the GPU, optional activation checkpointing, the MoE load-balancing loss.
 
-Distributed: launched with ``torchrun`` (or under an already initialised process group), every rank builds
-the same model from the same seed and `fully_shard` (FSDP2) shards it per LLM block and at the root:
-ZeRO-2 style (``reshard_after_forward=False``: parameters stay gathered from forward to backward) by
+Distributed (`sphinx_x.distributed`): launched with ``torchrun`` (or under an already initialised process
+group), every rank builds the same model from the same seed and FSDP2 shards it per LLM block and at the
+root: ZeRO-2 style (``reshard_after_forward=False``: parameters stay gathered from forward to backward) by
 default, ZeRO-3 (full sharding) with ``reshard_after_forward: true``. The bins of an epoch are the same on
 every rank; rank ``r`` takes bins ``r, r + world, ...`` of each step, so one step sees the same global batch
 for any split of ranks x accumulation.
@@ -15,10 +15,10 @@ for any split of ranks x accumulation.
 The loss of a step is the mean over the global batch's supervised tokens (not a mean of per-bin means), so
 bins of different fill weigh by their tokens and the result does not depend on how the batch is split.
 
-Checkpoints (model, optimizer, schedule position, data position, RNG states) go through
-``torch.distributed.checkpoint`` into a temporary folder renamed into place when complete, so a kill
-mid-write leaves the previous one loadable; a resumed run continues bit for bit (the data order is a pure
-function of the seed and the step). The final model is exported with ``save_pretrained``.
+A run writes checkpoints (`sphinx_x.checkpoint`: model, optimizer, schedule position, data position, RNG
+states) and a resumed run continues bit for bit (the data order is a pure function of the seed and the step).
+The final model is exported with ``save_pretrained`` and, with ``eval_data``, judged before and after
+training (`sphinx_x.evaluate`).
 """
 
 from __future__ import annotations
@@ -26,28 +26,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import json
 import logging
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
-import sphinx_kernels as sk
+# `name as name` below: moved out with the split, re-exported so `sphinx_x.train.name` still works.
 from sphinx_x import data as sxdata
+from sphinx_x.checkpoint import CHECKPOINT_PREFIX as CHECKPOINT_PREFIX
+from sphinx_x.checkpoint import checkpoints, export, load_checkpoint, save_checkpoint
+from sphinx_x.distributed import Dist as Dist
+from sphinx_x.distributed import setup_distributed, shard, touch_root_params
+from sphinx_x.evaluate import EvalResult as EvalResult
+from sphinx_x.evaluate import answer_matches as answer_matches
+from sphinx_x.evaluate import evaluate
+from sphinx_x.metrics import Metrics, expert_balance, skip_saving
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "step_"
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -216,153 +217,6 @@ def learning_rate(step: int, total: int, warmup: int, peak: float, floor: float 
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ---------------------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Sum of `values` over ranks (float64, so token counts stay exact)."""
-        if not self.enabled:
-            return list(values)
-        t = torch.tensor(
-            values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu"
-        )
-        dist.all_reduce(t)
-        return t.tolist()
-
-
-def setup_distributed() -> Dist:
-    """Join the process group torchrun describes (WORLD_SIZE > 1) or the one already initialised: NCCL on
-    CUDA, gloo on the CPU. One process without either trains unsharded."""
-    owns = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        owns = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available() and (not dist.is_initialized() or dist.get_backend() == "nccl"):
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return Dist(rank, world, local_rank, device, owns)
-
-
-def _shard(model: torch.nn.Module, dd: Dist, reshard_after_forward: bool) -> None:
-    """FSDP2: one parameter group per LLM block (gathered just in time, freed or kept after forward per
-    `reshard_after_forward`) and the rest at the root (embeddings, towers, projector, image markers, skip
-    embedding, final norm, LM head)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(dd.device.type, (dd.world,))
-    for block in model.llm.layers:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    # The frozen towers stay in the root group: a rank whose bin is text-only never calls them, and a unit of
-    # their own would then all-gather on some ranks only (a collective mismatch).
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (user code may use it)
-    version, internal, gauss_next = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal.tolist()), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints in `folder`, oldest first (a folder appears only once fully written)."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def save_checkpoint(folder: Path, step: int, model, optimizer, state: dict, dd: Dist, keep: int) -> Path:
-    """Write checkpoint `step` atomically: every rank writes its shards into a temporary folder through
-    ``torch.distributed.checkpoint``; once all are done rank 0 renames it to ``step_<N>`` (a rename within
-    one file system is atomic) and prunes the oldest beyond `keep`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = folder / f".tmp-{final.name}"
-    if dd.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dd.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp), no_dist=not dd.enabled)
-    torch.save(_rng_state(), tmp / f"rng_rank{dd.rank}.pt")
-    dd.barrier()
-    if dd.main:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dd.barrier()
-    return final
-
-
-def load_checkpoint(path: Path, model, optimizer, dd: Dist) -> dict:
-    """Restore model, optimizer and this rank's RNG states from `path`; returns the trainer state. A
-    checkpoint written by another number of ranks loads too (DCP reshards); RNG states then restart."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    both = {"model": model_state, "optim": optim_state}
-    dcp.load(both, checkpoint_id=str(path), no_dist=not dd.enabled)
-    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
-    rng = path / f"rng_rank{dd.rank}.pt"
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=True))
-    else:
-        logger.warning("%s has no RNG state for rank %d: RNG streams restart", path, dd.rank)
-    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-
-
 # ------------------------------------------------------------------------------------------- data order
 
 
@@ -471,46 +325,6 @@ def _to_device(samples: list[dict], device: torch.device) -> list[dict]:
     ]
 
 
-class _Metrics:
-    """JSONL log (rank 0), TensorBoard when installed."""
-
-    def __init__(self, out: Path, enabled: bool, resume_step: int):
-        self.path = out / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        # A resumed run rewrites the log from its checkpoint: rows of steps after it were never kept.
-        rows = []
-        if self.path.exists() and resume_step > 0:
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                if row.get("step", 0) <= resume_step:
-                    rows.append(line + "\n")
-        self.path.write_text("".join(rows), encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            self.tb = None
-
-    def log(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 @dataclass
 class TrainResult:
     """What `train` did: steps run, per-step losses (global means), the export folder, the evaluations."""
@@ -616,7 +430,7 @@ def train(
 
     model.llm.activation_checkpointing = cfg.activation_checkpointing
     if dd.enabled:
-        _shard(model, dd, cfg.reshard_after_forward)
+        shard(model, dd, cfg.reshard_after_forward)
     model.train()
     params = [p for g in _param_groups(model, cfg.weight_decay) for p in g["params"]]
     optimizer = torch.optim.AdamW(
@@ -642,7 +456,7 @@ def train(
         logger.info("no checkpoint in %s: starting from step 0", ckpt_dir)
     stop = min(total, stop_at) if stop_at is not None else total
 
-    metrics = _Metrics(out, dd.main, start)
+    metrics = Metrics(out, dd.main, start)
     loader = torch.utils.data.DataLoader(
         _StepDataset(samples, plan, dd.rank, start, stop, cfg.on_bad_image),
         batch_size=None,
@@ -682,7 +496,7 @@ def train(
             # global mean over supervised tokens (plus the mean aux loss over all micro-batches).
             ce = output.loss * (w * dd.world / n_global)
             if dd.enabled:
-                ce = ce + _touch_root_params(model)
+                ce = ce + touch_root_params(model)
             aux = output.aux_loss * (w * aux_weight / cfg.grad_accum)
             (ce + aux).backward()
             loss_sum += output.loss.detach().double().cpu() * (w / n_global)
@@ -702,7 +516,7 @@ def train(
         all_bins = plan.all_step_bins(step)
         step_tokens = sum(lengths[i] for b in all_bins for i in b)
         step_images = sum(samples[i]["image_size"] is not None for b in all_bins for i in b)
-        step_saved = sum(_skip_saving(model, samples[i]) for b in all_bins for i in b)
+        step_saved = sum(skip_saving(model, samples[i]) for b in all_bins for i in b)
         loss, aux_mean, bad_all = dd.all_sum([loss_sum.item(), aux_sum.item() / dd.world, float(bad)])
         seconds = time.perf_counter() - t0
         tokens_run, seconds_run, saved_run = (
@@ -727,7 +541,7 @@ def train(
             "seconds": seconds,
         }
         if counts_image is not None:
-            row.update(_expert_balance(counts_image, counts_text, dd))
+            row.update(expert_balance(counts_image, counts_text, dd))
         metrics.log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -771,152 +585,3 @@ def train(
 
 _PLACEHOLDER = {"id": "placeholder", "image": None, "conversations": [
     {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hi"}]}  # fmt: skip
-
-
-def _touch_root_params(model) -> torch.Tensor:
-    """0 x the root group's trainable parameters: a bin without images (or without a skipped tile) leaves the
-    projector, image markers or skip embedding without a gradient on that rank, and FSDP reduce-scatters only
-    parameters that have one: ranks would disagree on the sizes. Exact zeros change no gradient."""
-    total = torch.zeros((), device=model.llm.tok_embeddings.weight.device)
-    for name, p in model.named_parameters():
-        if p.requires_grad and not name.startswith("llm.layers.") and not hasattr(p, "full_tensor"):
-            total = total + p.sum() * 0.0
-    return total
-
-
-def _skip_saving(model, sample: dict) -> int:
-    """LLM positions a sample's skip tokens save: a skipped tile takes one position instead of a view's
-    ``[s] tokens [e]``."""
-    size = sample.get("image_size")
-    if size is None:
-        return 0
-    plan = sk.plan_tiles([tuple(size)], model.config.canvas, model.config.grid)
-    return plan.skipped_per_image[0] * (model.tokens_per_view + 1)
-
-
-def _expert_balance(counts_image: torch.Tensor, counts_text: torch.Tensor, dd: Dist) -> dict:
-    """Per step: the most loaded expert's share over the mean share (1 = balanced), worst layer, for image
-    and text tokens (the paper's expert analysis)."""
-    both = torch.stack([counts_image, counts_text]).double()  # (2, layers, E)
-    if dd.enabled:
-        both = both.to("cuda" if dd.device.type == "cuda" else "cpu")
-        dist.all_reduce(both)
-        both = both.cpu()
-    out = {}
-    for name, c in (("image", both[0]), ("text", both[1])):
-        mean = c.sum(-1, keepdim=True) / c.shape[-1]
-        out[f"expert_max_load_{name}"] = float((c / mean.clamp(min=1)).max(-1).values.max())
-    return out
-
-
-def export(model, folder: Path, dd: Dist) -> Path:
-    """``save_pretrained`` of the trained weights (rank 0 gathers a sharded model's full state dict)."""
-    if not dd.enabled:
-        if dd.main:
-            model.save_pretrained(folder)
-        return folder
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dd.main:
-        from sphinx_x.model import SphinxX
-
-        plain = SphinxX(model.config)
-        plain.load_state_dict(full)
-        plain.save_pretrained(folder)
-    dd.barrier()
-    return folder
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class EvalResult:
-    """Answer accuracy on held-out conversations and their loss.
-
-    Every assistant turn is one question, asked with the conversation's earlier turns (the reference
-    answers) as history; an answer is right when it equals the reference (case, surrounding spaces and a final
-    period ignored) or, for ``[x0, y0, x1, y1]`` boxes, overlaps it with IoU >= 0.5. ``chance`` is what always
-    giving each question kind's most frequent reference answer scores (the bar for having learnt from the
-    image, not only the answer prior).
-    """
-
-    accuracy: float
-    loss: float
-    questions: int
-    per_kind: dict[str, list[int]]  # kind -> [right, asked]
-    chance: float
-    examples: list[dict]
-
-    def summary(self) -> str:
-        kinds = ", ".join(f"{k} {r}/{n}" for k, (r, n) in sorted(self.per_kind.items()))
-        return (
-            f"accuracy {self.accuracy:.1%} on {self.questions} held-out questions (most-frequent-answer baseline "
-            f"{self.chance:.1%}; {kinds}), loss {self.loss:.4f}"
-        )
-
-
-def _normal(text: str) -> str:
-    return " ".join(text.strip().lower().rstrip(".").split())
-
-
-def answer_matches(answer: str, reference: str) -> bool:
-    """Whether a generated `answer` counts as the `reference` answer (see `EvalResult`)."""
-    from sphinx_x.demo_data import box_iou, parse_box
-
-    ref_box = parse_box(reference)
-    if ref_box is not None:
-        got = parse_box(answer)
-        return got is not None and box_iou(got, ref_box) >= 0.5
-    return _normal(answer) == _normal(reference)
-
-
-@torch.no_grad()
-def evaluate(model, samples: list[dict], *, max_new_tokens: int = 32, batch_size: int = 32) -> EvalResult:
-    """Accuracy (greedy answers) and mean per-token loss of `model` on `samples` (normalised samples, e.g.
-    `sphinx_x.data.read_samples`); see `EvalResult`."""
-    from sphinx_x.demo_data import chance_accuracy
-
-    was_training = model.training
-    model.eval()
-    questions = []
-    for s in samples:
-        turns = s["conversations"]
-        for k, turn in enumerate(turns):
-            if turn["from"] == "gpt" and k > 0:
-                prompt = {"image": s.get("image"), "conversations": turns[:k]}
-                questions.append((prompt, turn["value"], turn.get("kind", "answer")))
-    answers = []
-    for i in range(0, len(questions), batch_size):
-        chunk = questions[i : i + batch_size]
-        answers += model.generate([q[0] for q in chunk], max_new_tokens=max_new_tokens)
-    per_kind: dict[str, list[int]] = {}
-    refs_by_kind: dict[str, list[str]] = {}
-    examples = []
-    for (prompt, ref, kind), got in zip(questions, answers, strict=True):
-        right = answer_matches(got, ref)
-        per_kind.setdefault(kind, [0, 0])
-        per_kind[kind][0] += right
-        per_kind[kind][1] += 1
-        refs_by_kind.setdefault(kind, []).append(_normal(ref))
-        if len(examples) < 8:
-            examples.append(
-                {"question": prompt["conversations"][-1]["value"], "reference": ref, "answer": got}
-            )
-    chance = chance_accuracy(refs_by_kind)
-    n = len(questions)
-    total_loss, total_tokens = 0.0, 0
-    for i in range(0, len(samples), batch_size):
-        output = model(model.prepare(samples[i : i + batch_size]), reduction="sum")
-        total_loss += float(output.loss)
-        total_tokens += int(output.num_supervised)
-    model.train(was_training)
-    return EvalResult(
-        accuracy=sum(r for r, _ in per_kind.values()) / max(1, n),
-        loss=total_loss / max(1, total_tokens),
-        questions=n,
-        per_kind=per_kind,
-        chance=sum(chance[k] * per_kind[k][1] for k in per_kind) / max(1, n),
-        examples=examples,
-    )
