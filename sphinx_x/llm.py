@@ -7,14 +7,14 @@ packed (``(T,)`` tokens + ``cu_seqlens``) or ``(B, L)`` without padding; no atte
 `LLM.from_hf` loads a local Hugging Face folder (config.json + safetensors, sharded or not) of Llama /
 TinyLlama, Mistral, Qwen2, Mixtral or InternLM2 straight into a model built on the meta device (each tensor
 is read once, memory-mapped, and copied into its parameter in the target dtype and device: no fp32 copy of a
-bf16 checkpoint is ever made); `LLM.save_hf` writes the same format back.
+bf16 checkpoint is ever made); `LLM.save_hf` writes the same format back. The HF name mapping behind them
+lives in `sphinx_x.hf_checkpoint`; the methods here only call into it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,15 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ARCHS = ("llama", "mistral", "qwen2", "mixtral", "internlm2")
-# config.json "architectures" / "model_type" -> our arch name.
-_HF_ARCHS = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "MixtralForCausalLM": "mixtral",
-    "InternLM2ForCausalLM": "internlm2",
-}
-_HF_CLASS = {v: k for k, v in _HF_ARCHS.items()}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -132,101 +123,15 @@ class LLMConfig:
     def from_hf_config(cls, hf: dict[str, Any]) -> LLMConfig:
         """Map a Hugging Face ``config.json`` dict of a supported architecture; anything we would compute
         differently (RoPE scaling, attention or MLP biases we do not model) is a ValueError, never ignored."""
-        arch = _arch_of(hf)
-        get = hf.get
-        n_heads = get("num_attention_heads")
-        dim = get("hidden_size")
-        head_dim = get("head_dim") or (dim // n_heads if dim and n_heads else None)
-        rope = get("rope_parameters") or {}
-        theta = get("rope_theta", rope.get("rope_theta", 10000.0))
-        scaling = get("rope_scaling") or {}
-        if rope.get("rope_type", "default") != "default":
-            scaling = rope
-        max_pos = int(get("max_position_embeddings", 4096))
-        kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
-        # Dynamic NTK scaling changes nothing below max_position_embeddings (InternLM2-7B ships it), and
-        # max_seq_len stops us there; any other scaling changes every position: refuse it.
-        if kind not in (None, "default", "dynamic"):
-            raise ValueError(f"config.json: rope scaling {scaling!r} is not supported (only plain RoPE)")
-        if arch == "llama" and (get("attention_bias") or get("mlp_bias")):
-            raise ValueError(
-                "config.json: Llama attention_bias/mlp_bias (o_proj/MLP biases) are not supported"
-            )
-        if arch == "internlm2" and get("bias", True):
-            raise ValueError("config.json: InternLM2 with bias=true (wqkv/wo biases) is not supported")
-        if get("hidden_act", "silu") != "silu":
-            raise ValueError(
-                f"config.json: hidden_act {get('hidden_act')!r} is not supported (SwiGLU with silu)"
-            )
-        # Our attention has no sliding window: cap the length at the window so a longer sequence is an error
-        # instead of silently attending further than the checkpoint did.
-        window = get("sliding_window")
-        if arch == "qwen2" and not get("use_sliding_window", False):
-            window = None
-        if window is not None:
-            max_pos = min(max_pos, int(window))
-        moe = arch == "mixtral"
-        return cls(
-            arch=arch,
-            vocab_size=get("vocab_size"),
-            dim=dim,
-            n_layers=get("num_hidden_layers"),
-            n_heads=n_heads,
-            n_kv_heads=get("num_key_value_heads") or n_heads,
-            head_dim=head_dim,
-            ffn_dim=get("intermediate_size"),
-            norm_eps=float(get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            max_seq_len=max_pos,
-            tie_embeddings=bool(get("tie_word_embeddings", False)),
-            attention_bias=arch == "qwen2",
-            n_experts=int(get("num_local_experts", 0)) if moe else 0,
-            top_k=int(get("num_experts_per_tok", 2)) if moe else 2,
-            moe_ffn_dim=get("intermediate_size"),
-        )
+        from sphinx_x.hf_checkpoint import config_from_hf  # lazy: hf_checkpoint imports this module
+
+        return config_from_hf(cls, hf)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` dict of this config (inverse of `from_hf_config`)."""
-        hf: dict[str, Any] = {
-            "architectures": [_HF_CLASS[self.arch]],
-            "model_type": self.arch,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "intermediate_size": self.moe_ffn_dim if self.is_moe else self.ffn_dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings,
-        }
-        if self.arch in ("mistral", "mixtral"):
-            hf["sliding_window"] = None
-        if self.arch == "qwen2":
-            hf["use_sliding_window"] = False
-        if self.arch == "mixtral":
-            hf["num_local_experts"] = self.n_experts
-            hf["num_experts_per_tok"] = self.top_k
-        if self.arch == "internlm2":
-            hf["bias"] = False
-            hf["rope_scaling"] = None
-        return hf
+        from sphinx_x.hf_checkpoint import config_to_hf
 
-
-def _arch_of(hf: dict[str, Any]) -> str:
-    names = list(hf.get("architectures") or [])
-    for name in names:
-        if name in _HF_ARCHS:
-            return _HF_ARCHS[name]
-    model_type = hf.get("model_type")
-    if not names and model_type in ARCHS:
-        return model_type
-    raise ValueError(
-        f"config.json: architecture {names or model_type!r} is not supported; supported: {sorted(_HF_ARCHS)}"
-    )
+        return config_to_hf(self)
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -628,6 +533,7 @@ class LLM(nn.Module):
         return LLMOutput(logits, aux_loss, counts, router_logits, expert_ids, hidden)
 
     # -- Hugging Face checkpoints -------------------------------------------------------------------
+    # Thin: the key mapping is in sphinx_x.hf_checkpoint, imported lazily as it imports this module.
     @classmethod
     def from_hf(
         cls,
@@ -640,225 +546,20 @@ class LLM(nn.Module):
         `device`: default CPU. The model is built on the meta device and each tensor copied once into its
         parameter. A missing or unexpected tensor, a wrong shape, or an unsupported architecture is a
         ValueError naming it."""
-        from safetensors import safe_open
+        from sphinx_x.hf_checkpoint import load_hf
 
-        path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ValueError(f"path: no config.json in {path}")
-        hf = json.loads(config_file.read_text())
-        cfg = LLMConfig.from_hf_config(hf)
-        if dtype is None:
-            name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-            dtype = getattr(torch, name) if isinstance(name, str) else torch.float32
-        device = torch.device(device or "cpu")
-        files = _safetensors_files(path)
-
-        llm = cls(cfg, dtype=dtype, device="meta")
-        llm.to_empty(device=device)
-        if cfg.tie_embeddings:  # to_empty gives the two names separate storage
-            llm.output.weight = llm.tok_embeddings.weight
-        specs = _hf_specs(llm)
-        seen: set[str] = set()
-        unexpected: list[str] = []
-        for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):  # a buffer older conversions saved
-                        _check_inv_freq(name, f.get_tensor(name), cfg)
-                        continue
-                    if name not in specs:
-                        # Tied checkpoints sometimes store the head anyway (a copy of the embedding).
-                        head = "output.weight" if cfg.arch == "internlm2" else "lm_head.weight"
-                        if not (cfg.tie_embeddings and name == head):
-                            unexpected.append(name)
-                        continue
-                    with torch.no_grad():
-                        specs[name][0](f.get_tensor(name))
-                    seen.add(name)
-        missing = sorted(set(specs) - seen)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {path} does not match a {cfg.arch} model of this config: "
-                f"missing tensors {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                f"unexpected tensors {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
-            )
-        llm.hf_config = hf
-        return llm
+        return load_hf(cls, path, dtype, device)
 
     def save_hf(self, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write this model as a Hugging Face folder of its arch (config.json + safetensors, sharded above
         `max_shard_bytes` with ``model.safetensors.index.json``); `from_hf` reads it back bit-exact."""
-        from safetensors.torch import save_file
+        from sphinx_x.hf_checkpoint import save_hf
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        hf = dict(self.hf_config or {})
-        hf.update(self.cfg.to_hf_config())
-        dtype = self.tok_embeddings.weight.dtype
-        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-        hf.pop("dtype", None)
-        (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        with torch.no_grad():
-            for name, (_, get) in _hf_specs(self).items():
-                t = get().detach().contiguous().cpu()
-                nbytes = t.numel() * t.element_size()
-                if shards[-1] and size + nbytes > max_shard_bytes:
-                    shards.append({})
-                    size = 0
-                shards[-1][name] = t
-                size += nbytes
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
-            return
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata=meta)
-            for name, t in shard.items():
-                weight_map[name] = fname
-                total += t.numel() * t.element_size()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        save_hf(self, path, max_shard_bytes=max_shard_bytes)
 
     def num_parameters(self) -> int:
         """Parameters counted once (a tied head is not counted twice)."""
         return sum(p.numel() for p in self.parameters())
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [path / name for name in sorted(set(weight_map.values()))]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        pickles = sorted(p.name for p in path.glob("*.bin"))
-        hint = f" (found {pickles}: convert them to safetensors; pickles are never loaded)" if pickles else ""
-        raise ValueError(f"path: no model.safetensors or model.safetensors.index.json in {path}{hint}")
-    for f in files:
-        if not f.is_file():
-            raise ValueError(f"path: shard {f.name} listed in the index is missing from {path}")
-    return files
-
-
-def _check_inv_freq(name: str, t: torch.Tensor, cfg: LLMConfig) -> None:
-    """Early Llama-2 conversions store RoPE's ``inv_freq``; we compute it from rope_theta, so check they agree."""
-    D = cfg.head_dim
-    expected = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    if t.shape != expected.shape or not torch.allclose(t.double(), expected, rtol=1e-3, atol=0):
-        raise ValueError(
-            f"tensor {name}: RoPE frequencies that do not follow rope_theta={cfg.rope_theta}, head_dim={D} "
-            "(a scaled RoPE is not supported)"
-        )
-
-
-_Spec = tuple[Callable[[torch.Tensor], None], Callable[[], torch.Tensor]]
-
-
-def _copy_spec(name: str, target: torch.Tensor) -> _Spec:
-    """A checkpoint tensor stored as-is in `target`: (load, save)."""
-
-    def load(t: torch.Tensor) -> None:
-        if t.shape != target.shape:
-            raise ValueError(
-                f"tensor {name}: shape {tuple(t.shape)}, the model expects {tuple(target.shape)}"
-            )
-        target.copy_(t)
-
-    return load, lambda: target
-
-
-def _expert_spec(name: str, target: torch.Tensor, e: int) -> _Spec:
-    """One expert's HF Linear weight, the transpose of ``target[e]`` (kernel layout)."""
-
-    def load(t: torch.Tensor) -> None:
-        if t.shape != target.shape[1:][::-1]:
-            raise ValueError(
-                f"tensor {name}: shape {tuple(t.shape)}, the model expects {tuple(target.shape[1:][::-1])}"
-            )
-        target[e].copy_(t.T)
-
-    return load, lambda: target[e].T
-
-
-def _wqkv_spec(name: str, attn: Attention) -> _Spec:
-    """InternLM2's fused ``wqkv``: rows grouped per kv head as ``[q_0 .. q_{G-1}, k, v]`` (each head_dim rows)."""
-    Hkv, G, D = attn.n_kv_heads, attn.n_heads // attn.n_kv_heads, attn.head_dim
-    dim = attn.wq.weight.shape[1]
-
-    def load(t: torch.Tensor) -> None:
-        if t.shape != ((G + 2) * Hkv * D, dim):
-            raise ValueError(
-                f"tensor {name}: shape {tuple(t.shape)}, the model expects {((G + 2) * Hkv * D, dim)}"
-            )
-        grouped = t.view(Hkv, G + 2, D, dim)
-        attn.wq.weight.copy_(grouped[:, :G].reshape(Hkv * G * D, dim))
-        attn.wk.weight.copy_(grouped[:, G].reshape(Hkv * D, dim))
-        attn.wv.weight.copy_(grouped[:, G + 1].reshape(Hkv * D, dim))
-
-    def save() -> torch.Tensor:
-        q = attn.wq.weight.view(Hkv, G, D, dim)
-        k = attn.wk.weight.view(Hkv, 1, D, dim)
-        v = attn.wv.weight.view(Hkv, 1, D, dim)
-        return torch.cat([q, k, v], dim=1).reshape(-1, dim)
-
-    return load, save
-
-
-def _hf_specs(llm: LLM) -> dict[str, _Spec]:
-    """Every tensor of the HF checkpoint of `llm`'s arch, with how to load it into / read it from `llm`."""
-    cfg = llm.cfg
-    specs: dict[str, _Spec] = {}
-
-    def add(name: str, target: torch.Tensor) -> None:
-        specs[name] = _copy_spec(name, target)
-
-    if cfg.arch == "internlm2":
-        add("model.tok_embeddings.weight", llm.tok_embeddings.weight)
-        add("model.norm.weight", llm.norm.weight)
-        if not cfg.tie_embeddings:
-            add("output.weight", llm.output.weight)
-        for i, layer in enumerate(llm.layers):
-            p = f"model.layers.{i}."
-            add(p + "attention_norm.weight", layer.attention_norm.weight)
-            add(p + "ffn_norm.weight", layer.ffn_norm.weight)
-            specs[p + "attention.wqkv.weight"] = _wqkv_spec(p + "attention.wqkv.weight", layer.attention)
-            add(p + "attention.wo.weight", layer.attention.wo.weight)
-            for w in ("w1", "w2", "w3"):
-                add(p + f"feed_forward.{w}.weight", getattr(layer.feed_forward, w).weight)
-        return specs
-
-    add("model.embed_tokens.weight", llm.tok_embeddings.weight)
-    add("model.norm.weight", llm.norm.weight)
-    if not cfg.tie_embeddings:
-        add("lm_head.weight", llm.output.weight)
-    for i, layer in enumerate(llm.layers):
-        p = f"model.layers.{i}."
-        add(p + "input_layernorm.weight", layer.attention_norm.weight)
-        add(p + "post_attention_layernorm.weight", layer.ffn_norm.weight)
-        attn = layer.attention
-        for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-            lin = getattr(attn, ours)
-            add(p + f"self_attn.{theirs}.weight", lin.weight)
-            if lin.bias is not None:
-                add(p + f"self_attn.{theirs}.bias", lin.bias)
-        ff = layer.feed_forward
-        if isinstance(ff, MoE):
-            add(p + "block_sparse_moe.gate.weight", ff.gate.weight)
-            for e in range(cfg.n_experts):
-                for w in ("w1", "w2", "w3"):
-                    name = p + f"block_sparse_moe.experts.{e}.{w}.weight"
-                    specs[name] = _expert_spec(name, getattr(ff, w), e)
-        else:
-            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                add(p + f"mlp.{theirs}.weight", getattr(ff, ours).weight)
-    return specs
 
 
 def config_dict(cfg: LLMConfig) -> dict[str, Any]:
