@@ -11,7 +11,7 @@ from sphinx_kernels import _backend
 from sphinx_kernels._common import dot_precision
 from sphinx_kernels._triton import tl, triton
 from sphinx_kernels.attention.schedule import blocks, cached_work_items, head_block
-from sphinx_kernels.attention.triton_fwd import LOG2E, _item_bounds, _key_range, _load_tile, _visible
+from sphinx_kernels.attention.triton_fwd import LOG2E, _item_bounds, _key_range, _load_rows, _visible
 from sphinx_kernels.attention.validation import check_attention_args, check_backward_args
 
 
@@ -74,20 +74,8 @@ def _dkdv_inner(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_ok = offs_m < seq_len
-        q = _load_tile(
-            q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
-            rows_ok[:, None],
-            cols_ok[None, :],
-            MASKED,
-            not EVEN_D,
-        )
-        do = _load_tile(
-            do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
-            rows_ok[:, None],
-            cols_ok[None, :],
-            MASKED,
-            not EVEN_D,
-        )
+        q = _load_rows(q_base + offs_m * stride_qt, offs_d, rows_ok, cols_ok, MASKED, EVEN_D)
+        do = _load_rows(do_base + offs_m * stride_dot, offs_d, rows_ok, cols_ok, MASKED, EVEN_D)
         if MASKED:
             lse2 = tl.load(lse_base + offs_m, mask=rows_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=rows_ok, other=0.0)
@@ -159,21 +147,9 @@ def _varlen_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     keys_ok = offs_n < k_len
     cols_ok = offs_d < HEAD_DIM
-    kv_rows = (k_start + offs_n)[:, None]
-    k = _load_tile(
-        K + kv_rows * stride_kt + kv_head * stride_kh + offs_d[None, :],
-        keys_ok[:, None],
-        cols_ok[None, :],
-        True,
-        not EVEN_D,
-    )
-    v = _load_tile(
-        V + kv_rows * stride_vt + kv_head * stride_vh + offs_d[None, :],
-        keys_ok[:, None],
-        cols_ok[None, :],
-        True,
-        not EVEN_D,
-    )
+    kv_rows = k_start + offs_n
+    k = _load_rows(K + kv_rows * stride_kt + kv_head * stride_kh, offs_d, keys_ok, cols_ok, True, EVEN_D)
+    v = _load_rows(V + kv_rows * stride_vt + kv_head * stride_vh, offs_d, keys_ok, cols_ok, True, EVEN_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
@@ -217,12 +193,12 @@ def _varlen_attention_bwd_dkdv_kernel(
     dk = dk * sm_scale
     mask = keys_ok[:, None] & cols_ok[None, :]
     tl.store(
-        DK + kv_rows * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+        DK + kv_rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
         dk.to(DK.dtype.element_ty),
         mask=mask,
     )
     tl.store(
-        DV + kv_rows * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+        DV + kv_rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
         dv.to(DV.dtype.element_ty),
         mask=mask,
     )
@@ -257,20 +233,8 @@ def _dq_inner(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keys_ok = offs_n < k_len
-        k = _load_tile(
-            k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
-            keys_ok[:, None],
-            cols_ok[None, :],
-            MASKED,
-            not EVEN_D,
-        )
-        v = _load_tile(
-            v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
-            keys_ok[:, None],
-            cols_ok[None, :],
-            MASKED,
-            not EVEN_D,
-        )
+        k = _load_rows(k_base + offs_n * stride_kt, offs_d, keys_ok, cols_ok, MASKED, EVEN_D)
+        v = _load_rows(v_base + offs_n * stride_vt, offs_d, keys_ok, cols_ok, MASKED, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -330,21 +294,9 @@ def _varlen_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < seq_len
     cols_ok = offs_d < HEAD_DIM
-    rows = (start + offs_m)[:, None]
-    q = _load_tile(
-        Q + rows * stride_qt + head * stride_qh + offs_d[None, :],
-        rows_ok[:, None],
-        cols_ok[None, :],
-        True,
-        not EVEN_D,
-    )
-    do = _load_tile(
-        DO + rows * stride_dot + head * stride_doh + offs_d[None, :],
-        rows_ok[:, None],
-        cols_ok[None, :],
-        True,
-        not EVEN_D,
-    )
+    rows = start + offs_m
+    q = _load_rows(Q + rows * stride_qt + head * stride_qh, offs_d, rows_ok, cols_ok, True, EVEN_D)
+    do = _load_rows(DO + rows * stride_dot + head * stride_doh, offs_d, rows_ok, cols_ok, True, EVEN_D)
     lse2 = tl.load(LSE + head * stride_lh + start + offs_m, mask=rows_ok, other=0.0)
     delta = tl.load(DELTA + head * stride_lh + start + offs_m, mask=rows_ok, other=0.0)
 
@@ -377,7 +329,7 @@ def _varlen_attention_bwd_dq_kernel(
         )
     dq = dq * sm_scale
     tl.store(
-        DQ + rows * stride_dqt + head * stride_dqh + offs_d[None, :],
+        DQ + rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
         mask=rows_ok[:, None] & cols_ok[None, :],
     )

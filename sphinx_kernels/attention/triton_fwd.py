@@ -31,6 +31,14 @@ def _load_tile(ptrs, rows_ok, cols_ok, ROW_MASK: tl.constexpr, COL_MASK: tl.cons
 
 
 @triton.jit
+def _load_rows(row_ptrs, offs_d, rows_ok, cols_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """A ``(rows, BLOCK_D)`` tile of head vectors, one pointer per row (every q/k/v/dO load of both passes)."""
+    return _load_tile(
+        row_ptrs[:, None] + offs_d[None, :], rows_ok[:, None], cols_ok[None, :], ROW_MASK, not EVEN_D
+    )
+
+
+@triton.jit
 def _item_bounds(ITEMS, CU_SEQLENS, CU_SEQLENS_K, item):
     """(queries' token offset and count, keys' token offset and count, block index) of work item `item`;
     counts 0 if the slot is unused."""
@@ -118,13 +126,7 @@ def _fwd_inner(
         p = tl.math.exp2(s - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(
-            v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
-            keys_ok[:, None],
-            cols_ok[None, :],
-            MASKED,
-            not EVEN_D,
-        )
+        v = _load_rows(v_base + offs_n * stride_vt, offs_d, keys_ok, cols_ok, MASKED, EVEN_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -174,12 +176,8 @@ def _varlen_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < seq_len
     cols_ok = offs_d < HEAD_DIM
-    q = _load_tile(
-        Q + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-        rows_ok[:, None],
-        cols_ok[None, :],
-        True,
-        not EVEN_D,
+    q = _load_rows(
+        Q + (start + offs_m) * stride_qt + head * stride_qh, offs_d, rows_ok, cols_ok, True, EVEN_D
     )
     k_base = K + k_start * stride_kt + kv_head * stride_kh
     v_base = V + k_start * stride_vt + kv_head * stride_vh

@@ -213,33 +213,6 @@ def _grouped_dw_kernel(
         tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=o_mask)
 
 
-@triton.jit
-def _gather_rows_kernel(src_ptr, index_ptr, dst_ptr, D, K_SLOTS, BLOCK_D: tl.constexpr):
-    """dst[index[s]] = src[s // K_SLOTS]: the permutation's row copy (bit-exact)."""
-    s = tl.program_id(0)
-    dest = tl.load(index_ptr + s)
-    src = src_ptr + (s // K_SLOTS).to(tl.int64) * D
-    dst = dst_ptr + dest.to(tl.int64) * D
-    for c0 in range(0, D, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        tl.store(dst + cols, tl.load(src + cols, mask=cols < D), mask=cols < D)
-
-
-@triton.jit
-def _unpermute_kernel(y_ptr, row_map_ptr, w_ptr, out_ptr, D, K_SLOTS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t] = sum_j w[t, j] * y[row_map[t, j]] in fp32, slots in order (as every backend)."""
-    t = tl.program_id(0).to(tl.int64)
-    for c0 in range(0, D, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        ok = cols < D
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for j in range(K_SLOTS):
-            row = tl.load(row_map_ptr + t * K_SLOTS + j)
-            w = tl.load(w_ptr + t * K_SLOTS + j)
-            acc += w * tl.load(y_ptr + row * D + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * D + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
 def _gemm_configs():
     # H100/H200 bf16: 128x128/128x256 tiles with 64-deep K steps and 3-4 stages are the usual cuBLAS-class
     # shapes; 64-row tiles help skewed routing (many short expert groups). Few configs: each mode
