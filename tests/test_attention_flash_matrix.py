@@ -259,6 +259,12 @@ def cases(dims, setups, *, gpu=False):
         combine = rotation if interpreted else itertools.product
         for i, combo in enumerate(combine(dtypes, *dims.values())):
             values = dict(zip(("dtype", *dims), combo, strict=True))
+            if interpreted and values["dtype"] == torch.float32 and values.get("d") == 256:
+                # The interpreter's tl.dot is numpy's float32 matmul, which sums 256 products less accurately
+                # than PyTorch's (2.4e-5 against 1.4e-5 on the same (32, 256) x (256, 16) product): its fp32
+                # attention at d=256 is up to 2.8x the yardstick's error from numpy alone, and failed 1 run in
+                # 6 (seed 760772116). This head dim runs in fp16 there; real Triton runs fp32 at 256 on a GPU.
+                values["dtype"] = torch.float16
             values.update(pair=pairs[i % len(pairs)], seqlen=seqlens[i % len(seqlens)], layout=i % 3)
             marks = [pytest.mark.gpu] if gpu else []
             ident = "-".join([backend, str(values["dtype"]).removeprefix("torch."), *map(str, combo[1:])])
