@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import RESULTS, Row, environment, print_table, round_robin_medians  # noqa: E402
 
 import sphinx_kernels as sk  # noqa: E402
+from sphinx_x.batch import pack  # noqa: E402
 from sphinx_x.config import get_config  # noqa: E402
 from sphinx_x.model import SphinxBatch, SphinxX  # noqa: E402
 from sphinx_x.template import IGNORE_INDEX, tokenize_conversation  # noqa: E402
@@ -140,75 +141,55 @@ def make_samples(
 
 
 # ----------------------------------------------------------------------------------------------- layouts
+@dataclass(frozen=True)
+class EveryTileKept:
+    """The original layout's plan for `batch.pack`: every image's `1 + grid^2` views kept (no skip token)."""
+
+    grid: int
+    num_images: int
+
+    @property
+    def views_per_image(self) -> list[int]:
+        return [1 + self.grid * self.grid] * self.num_images
+
+    @property
+    def num_views(self) -> int:
+        return sum(self.views_per_image)
+
+    def kept_tiles(self, i: int) -> list[tuple[int, int]]:
+        return [(r, c) for r in range(self.grid) for c in range(self.grid)]
+
+
 def full_layout(model: SphinxX, samples: Sequence[dict]) -> tuple[SphinxBatch, torch.Tensor]:
     """The original layout of `samples` (every sub-image encoded, no skip token) as a packed `SphinxBatch`
     (``views=None``: filled per step), and the rows that tile_gather's kept views take among the
     ``n_images * (1 + grid^2)`` views (per image: global view, then every tile row-major).
 
-    Same positions as ``model.prepare`` (BOS, ``[s] view tokens [e]`` per view, the text), except that a tile
-    without image pixels keeps its ``[s] N tokens [e]`` instead of one skip token.
+    The model's own `pack` with every tile kept: the same positions as ``model.prepare`` (BOS,
+    ``[s] view tokens [e]`` per view, the text), except that a tile without image pixels keeps its
+    ``[s] N tokens [e]`` instead of one skip token.
     """
     cfg, N = model.config, model.tokens_per_view
-    g, device = cfg.grid, model.device
+    g = cfg.grid
     per_image = 1 + g * g
     images = [s["image"] for s in samples if s.get("image") is not None]
     plan = sk.plan_tiles([tuple(im.shape[:2]) for im in images], cfg.canvas, cfg.grid) if images else None
-    V = len(images) * per_image
-    start, end = V * N, V * N + 1
-    ids_all: list[int] = []
-    labels_all: list[int] = []
-    positions, sources, lengths = [], [], []
-    img = 0
-    for sample in samples:
-        ids, labels = tokenize_conversation(model.tokenizer, sample["conversations"])
-        first = len(ids_all)
-        head = [] if model.bos_id is None else [model.bos_id]
-        ids_all += head
-        labels_all += [IGNORE_INDEX] * len(head)
-        if sample.get("image") is not None:
-            src = []
-            for v in range(img * per_image, (img + 1) * per_image):
-                src += [torch.tensor([start]), torch.arange(v * N, (v + 1) * N), torch.tensor([end])]
-            src_t = torch.cat(src)
-            positions.append(torch.arange(len(ids_all), len(ids_all) + src_t.numel()))
-            sources.append(src_t)
-            ids_all += [0] * src_t.numel()
-            labels_all += [IGNORE_INDEX] * src_t.numel()
-            img += 1
-        ids_all += ids
-        labels_all += labels
-        lengths.append(len(ids_all) - first)
-    packed = sk.pack_sequences([torch.empty(n) for n in lengths])
-    labels_t = torch.tensor(labels_all, dtype=torch.int64)
-    targets = torch.full_like(labels_t, IGNORE_INDEX)
-    targets[:-1] = labels_t[1:]
-    targets[packed.cu_seqlens[1:].long() - 1] = IGNORE_INDEX  # a sample's last row predicts nothing
-    loss_rows = (targets != IGNORE_INDEX).nonzero().flatten()
-    image_positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
-    image_mask = torch.zeros(len(ids_all), dtype=torch.bool)
-    image_mask[image_positions] = True
+    texts = [tokenize_conversation(model.tokenizer, s["conversations"]) for s in samples]
+    sample_images, lengths = [], []
+    for sample, (ids, _) in zip(samples, texts, strict=True):
+        has_image = sample.get("image") is not None
+        sample_images.append(sum(x is not None for x in sample_images) if has_image else None)
+        lengths.append(int(model.bos_id is not None) + has_image * per_image * (N + 2) + len(ids))
+    every = EveryTileKept(g, len(images))
+    batch = pack(texts, sample_images, every, None, lengths, tokens_per_view=N, bos_id=model.bos_id,
+                 device=model.device)  # fmt: skip
+    batch = dataclasses.replace(batch, plan=plan, sample_images=[None] * len(samples))
     slots = []
     if plan is not None:
         for i in range(len(images)):
             slots.append(i * per_image)
             slots += [i * per_image + 1 + r * g + c for r, c in plan.kept_tiles(i)]
-    batch = SphinxBatch(
-        input_ids=torch.tensor(ids_all, dtype=torch.int64).to(device),
-        labels=labels_t.to(device),
-        targets=targets.to(device),
-        cu_seqlens=packed.cu_seqlens.to(device),
-        position_ids=packed.position_ids.to(device),
-        max_seqlen=packed.max_seqlen,
-        views=None,
-        plan=plan,
-        image_positions=image_positions.to(device),
-        image_sources=(torch.cat(sources) if sources else torch.zeros(0, dtype=torch.int64)).to(device),
-        image_mask=image_mask.to(device),
-        loss_rows=loss_rows.to(device),
-        num_supervised=int(loss_rows.numel()),
-        sample_images=[None] * len(samples),
-    )
-    return batch, torch.tensor(slots, dtype=torch.int64, device=device)
+    return batch, torch.tensor(slots, dtype=torch.int64, device=model.device)
 
 
 @dataclass
