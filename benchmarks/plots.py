@@ -3,8 +3,9 @@
     python benchmarks/plots.py [RESULTS_DIR] [OUT_DIR]
 
 `render(results_dir, out_dir)` writes the PNGs and returns ``[(title, path), ...]`` for those whose rows
-exist (benchmarks/report.py embeds them in REPORT.md). Each figure takes the newest row of every (device,
-case, backend) in its CSV (rows are appended in time order), one panel per device.
+exist (benchmarks/report.py embeds them in REPORT.md). Each figure takes the newest row of every (machine,
+case, backend) in its CSV (rows are appended in time order), one panel per machine: the device text and, for
+CPU rows, the CPU model ("CPU model not recorded" for rows older than that column).
 """
 
 from __future__ import annotations
@@ -37,8 +38,18 @@ def _read(results_dir: Path, name: str) -> list[dict[str, str]]:
         rows = list(csv.DictReader(f))
     latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
     for r in rows:  # later rows replace earlier ones: the newest measurement of each configuration
-        latest[(r.get("device", ""), r.get("case", ""), r.get("backend", ""), r.get("shape", ""))] = r
+        r["device"] = _machine(r)
+        latest[(r["device"], r.get("case", ""), r.get("backend", ""), r.get("shape", ""))] = r
     return [r for r in latest.values() if _float(r.get("rate")) > 0]
+
+
+def _machine(row: dict[str, str]) -> str:
+    """A panel's machine: the GPU, or the CPU device text with its CPU model, so that a figure of an unknown
+    CPU is never drawn in the panel of a known one (nor read as if it were)."""
+    device = row.get("device", "")
+    if row.get("gpu") or not device.startswith("cpu"):
+        return device
+    return f"{device}, {row.get('cpu') or 'CPU model not recorded'}"
 
 
 def _float(value: str | None) -> float:

@@ -9,11 +9,14 @@ threads, GPU), the date and the torch/triton versions of the run it comes from.
 README.md: the block between ``<!-- measured:begin -->`` and ``<!-- measured:end -->`` is replaced; the
 rest of the file is left byte for byte. ``--check`` exits 1 if the README is not what this would write.
 
-Structure: the CSV rows are grouped into runs (`Run`: consecutive rows of one case on one machine), the
-latest run of each case is kept (`latest_runs`), and each family (`FAMILIES`, one `Family` per
-benchmarks/results/<family>.csv) says how its runs read in one line: which backends are ours and which
-peers they are compared with. A family without an entry still gets rows (every backend's time). More
-report sections (plots, end-to-end tables) are added to `SECTIONS`.
+Structure: the CSV rows are grouped into runs (`Run`: consecutive rows of one case on one machine). The README
+gets a headline table (`headline_runs`): one row per benchmark case, machine and thread count, its newest
+run only, and of a family's cases only its headline ones (`Family.headline`: the end-to-end benchmark shows
+the training step on the mix and generation at batch 1 and 16, not its sweeps). REPORT.md keeps everything:
+the latest run of each case and shape (`latest_runs`), every row of those runs, and every run in the CSVs.
+Each family (`FAMILIES`, one `Family` per benchmarks/results/<family>.csv) says how its runs read in one
+line: which backends are ours and which peers they are compared with. A family without an entry still gets
+rows (every backend's time). More report sections (plots, end-to-end tables) are added to `SECTIONS`.
 """
 
 from __future__ import annotations
@@ -73,6 +76,13 @@ class Run:
         """What a run measures, whatever the CPU: family, case, shape, threads, GPU."""
         return (self.family, self.base_case, self.first.get("shape", ""), self.threads, self.gpu)
 
+    @property
+    def case_key(self) -> tuple[str, ...]:
+        """The case whatever its sizes, machine and threads: family, case, the shape's words. The shape's
+        numbers are left out (a case re-measured at other sizes is the same case; its newest run stands);
+        its words stay (transformers' padded and packed batches differ only there)."""
+        return (self.family, self.base_case, re.sub(r"\d+(\.\d+)?", "#", self.first.get("shape", "")))
+
     def seconds(self, backend: str) -> float | None:
         row = next((r for r in self.rows if r["backend"] == backend), None)
         return float(row["seconds"]) if row else None
@@ -85,7 +95,7 @@ class Run:
         else:
             parts = ["CPU model not recorded"]
         if self.threads and not self.gpu:
-            parts.append(f"{self.threads} threads")
+            parts.append(f"{self.threads} thread{'' if self.threads == '1' else 's'}")
         if self.gpu:
             parts.append(self.gpu)
         if first.get("load"):
@@ -130,6 +140,30 @@ def latest_runs(runs: list[Run]) -> list[Run]:
     return sorted(kept, key=lambda r: (r.family, r.base_case, r.gpu, int(r.threads or 0), r.cpu))
 
 
+def headline_runs(runs: list[Run]) -> list[Run]:
+    """The README's rows: the newest run per (case whatever its sizes, CPU model, GPU, threads), of the
+    family's headline cases only. A run whose CPU model was not recorded is left out when a newer run of the
+    same case (any thread count) names its CPU: that figure's machine is unknown and a newer one exists; while
+    nothing newer exists it stays, labelled "CPU model not recorded"."""
+    newest: dict[tuple, Run] = {}
+    for run in runs:
+        key = (*run.case_key, run.cpu, run.gpu, run.threads)
+        if key not in newest or run.date >= newest[key].date:
+            newest[key] = run
+    recorded: dict[tuple, str] = {}  # case and GPU -> date of the newest run that names its CPU
+    for run in newest.values():
+        if run.cpu:
+            key = (*run.case_key, run.gpu)
+            recorded[key] = max(recorded.get(key, ""), run.date)
+    kept = [
+        run
+        for run in newest.values()
+        if family_of(run.family).in_headline(run.base_case)
+        and (run.cpu or recorded.get((*run.case_key, run.gpu), "") <= run.date)
+    ]
+    return sorted(kept, key=lambda r: (r.family, r.base_case, r.gpu, int(r.threads or 0), r.cpu))
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
@@ -137,14 +171,22 @@ def ms(seconds: float) -> str:
 @dataclass
 class Family:
     """How a family's runs read: `ours` (backends of this project, first present is the headline), `peers`
-    (compared with, in order), the command that produced the CSV."""
+    (compared with, in order), the command that produced the CSV. `headline`: a regular expression the README's
+    cases match in full (empty: every case); `headline_ours`: the backends of `ours` the README shows (empty:
+    all of them). REPORT.md shows every case and backend."""
 
     command: str
     ours: tuple[str, ...] = ()
     peers: tuple[str, ...] = ()
+    headline: str = ""
+    headline_ours: tuple[str, ...] = ()
 
-    def summary(self, run: Run) -> str:
-        ours = [b for b in self.ours if run.seconds(b) is not None]
+    def in_headline(self, case: str) -> bool:
+        return not self.headline or re.fullmatch(self.headline, case) is not None
+
+    def summary(self, run: Run, *, headline: bool = False) -> str:
+        shown = self.headline_ours if headline and self.headline_ours else self.ours
+        ours = [b for b in shown if run.seconds(b) is not None]
         if not ours:  # unknown layout: every backend's time, fastest first
             times = sorted((float(r["seconds"]), r["backend"]) for r in run.rows)
             return "; ".join(f"`{b}` {ms(s)}" for s, b in times)
@@ -184,6 +226,10 @@ FAMILIES: dict[str, Family] = {
         "python benchmarks/bench_e2e.py",
         ours=("ours", "skip only", "packing only", "kernels only", "ours (packed cache)"),
         peers=("original", "padded (left-pad, padded cache)"),
+        # The README: the training step on the mix, ours against the original, and generation at batch 1
+        # and 16; the aspect-ratio and batch-size sweeps and each part alone are in REPORT.md.
+        headline=r"train \w+ mix|generate (prefill|decode) b=(1|16)",
+        headline_ours=("ours", "ours (packed cache)"),
     ),
 }
 
@@ -196,12 +242,26 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def measured_block(runs: list[Run]) -> str:
-    """The README's Measured table: one row per kept run."""
+GENERATED = (
+    "Generated by `python benchmarks/report.py` from `benchmarks/results/*.csv` (every figure is a CSV row or a "
+    "ratio of two rows of the same run); medians; the candidates of a run take turns on the same machine."
+)
+README_SCOPE = (
+    "One row per benchmark case, machine and thread count: its newest run (a run whose CPU model was not "
+    "recorded gives way to a newer one of the same case that names it); of the end-to-end benchmark, the "
+    "training step on the mix and generation at batch 1 and 16. Older runs, the end-to-end sweeps (aspect "
+    "ratios, batch sizes, each part alone) and the figures: `benchmarks/results/REPORT.md`."
+)
+REPORT_SCOPE = (
+    "The latest run of every case and shape, every backend; below it every row of those runs and every run."
+)
+
+
+def measured_block(runs: list[Run], *, headline: bool = True) -> str:
+    """The Measured table, one row per run: the README's headline (`headline_runs`, headline backends) or,
+    with ``headline=False``, REPORT.md's full one."""
     lines = [
-        "Generated by `python benchmarks/report.py` from `benchmarks/results/*.csv` (every figure is a CSV row "
-        "or a ratio of two rows of the same run); medians; the candidates of a run take turns on the same "
-        "machine. Every row of every run: `benchmarks/results/REPORT.md`.",
+        f"{GENERATED} {README_SCOPE if headline else REPORT_SCOPE}",
         "",
         "| benchmark (command) | case | result | machine | date (UTC) | versions |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -215,7 +275,7 @@ def measured_block(runs: list[Run]) -> str:
                 for x in (
                     f"`{fam.command}`",
                     f"{run.base_case}: {run.first.get('shape', '')}",
-                    fam.summary(run),
+                    fam.summary(run, headline=headline),
                     run.machine(),
                     run.date,
                     run.versions(),
@@ -287,8 +347,9 @@ SECTIONS: list[Callable[[list[Run], list[Run]], str]] = [
 
 
 def report_markdown(kept: list[Run], every: list[Run]) -> str:
-    head = ["# Measured results", "", "Generated by `python benchmarks/report.py`; do not edit by hand.", ""]
-    return "\n".join(head + [measured_block(kept), ""] + [section(kept, every) for section in SECTIONS])
+    head = ["# Measured results", "", "Do not edit by hand.", ""]
+    table = measured_block(kept, headline=False)
+    return "\n".join(head + [table, ""] + [section(kept, every) for section in SECTIONS])
 
 
 def replace_block(readme: str, block: str) -> str:
@@ -312,9 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no runs in {args.results}/*.csv", file=sys.stderr)
         return 1
     kept = latest_runs(every)
+    headline = headline_runs(every)
     readme = args.readme.read_text()
     try:
-        new = replace_block(readme, measured_block(kept))
+        new = replace_block(readme, measured_block(headline))
     except ValueError as exc:
         print(f"{args.readme}: {exc}", file=sys.stderr)
         return 1
@@ -333,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = render(args.results, report.parent)
     SECTIONS.insert(0, lambda _k, _e: "\n\n".join(["## Figures", *(f"![{t}]({p.name})" for t, p in figures)]))
     report.write_text(report_markdown(kept, every))
-    print(f"wrote the Measured table of {args.readme} ({len(kept)} rows) and {report}")
+    print(f"wrote the Measured table of {args.readme} ({len(headline)} rows) and {report} ({len(kept)} runs)")
     return 0
 
 

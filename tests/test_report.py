@@ -126,7 +126,7 @@ def test_table_comes_from_the_csvs_only(project):
     ):
         assert expected in tiles, tiles
     assert "2026-12-02 21:00" in tiles and "torch 2.14.1, triton 3.8.0" in tiles
-    assert "1.80x" not in table and "not recorded" not in table  # the old run is not shown
+    assert "1.80x" not in table and "CPU model not recorded" not in table  # the old run is not shown
     # A family the script has no entry for still gets its rows: every backend's time, fastest first.
     assert "`beta` 1 ms; `alpha` 2 ms" in next(line for line in lines if "bench_newfam" in line)
     # Every number in the table is in a CSV or is a ratio of two of them.
@@ -179,3 +179,75 @@ def test_runs_split_where_a_backend_repeats(project):
     assert run_report(project).returncode == 0
     table = block((project / "README.md").read_text())
     assert "**4.00x** torch" in table and "2.00x" not in table
+
+
+def test_headline_keeps_the_newest_run_per_case_machine_and_threads(project):
+    """The README: one row per case, CPU model and thread count, its newest run even where the sizes changed;
+    a run of an unknown CPU gives way to a newer run of the same case on a known one at any thread count.
+    REPORT.md keeps every run."""
+    one = {"threads": "1", "case": "tile_gather cpu 1 threads"}
+    write_csv(
+        project / "results" / "tiles.csv",
+        [
+            row(
+                "cpu", "0.5", date="2026-11-28 12:22", case="tile_gather cpu", cpu=""
+            ),  # 2 threads, unknown CPU
+            row("torchvision.v2", "0.85", date="2026-11-28 12:22", case="tile_gather cpu", cpu=""),
+            row("cpu", "0.2", date="2026-12-01 10:00", shape="64 imgs, bf16", **one),
+            row("torchvision.v2", "0.3", date="2026-12-01 10:00", shape="64 imgs, bf16", **one),
+            row("cpu", "0.1", date="2026-12-02 10:00", **one),
+            row("torchvision.v2", "0.125", date="2026-12-02 10:00", **one),
+        ],
+    )
+    assert run_report(project).returncode == 0
+    table = block((project / "README.md").read_text())
+    lines = [line for line in table.splitlines() if line.startswith("| `python")]
+    assert len(lines) == 1, table
+    assert "**1.25x** torchvision.v2" in lines[0] and "Test CPU (AVX2), 7 cores, 1 thread," in lines[0]
+    for old in ("1.70x", "1.50x", "CPU model not recorded"):
+        assert old not in table, old
+    report = (project / "results" / "REPORT.md").read_text()
+    for old in ("1.70x", "1.50x", "CPU model not recorded"):
+        assert old in report, old
+
+
+def test_e2e_headline_is_training_on_the_mix_and_generation_at_batch_1_and_16(project):
+    """The end-to-end benchmark's README rows: the training step on the mix (ours against the original,
+    not each part alone) and generation at batch 1 and 16; its sweeps stay in REPORT.md."""
+
+    def e2e(case, backend, seconds):
+        aspect = case.split()[-1] if "aspect" in case else "mix"
+        shape = f"config=tiny B=8 tokens=3928 aspect={aspect}"  # the fields plots.py reads
+        return row(backend, seconds, case=case, family="e2e", shape=shape)
+
+    padded = "padded (left-pad, padded cache)"
+    write_csv(
+        project / "results" / "e2e.csv",
+        [
+            e2e("train cpu mix", "ours", "1.0"),
+            e2e("train cpu mix", "original", "2.0"),
+            e2e("train cpu mix", "skip only", "1.6"),
+            e2e("train cpu aspect 2:1", "ours", "1.0"),
+            e2e("train cpu aspect 2:1", "original", "3.0"),
+            e2e("train cpu mix B=2", "ours", "1.0"),
+            e2e("train cpu mix B=2", "original", "1.1"),
+            e2e("generate prefill b=1", "ours (packed cache)", "1.0"),
+            e2e("generate prefill b=1", padded, "1.3"),
+            e2e("generate decode b=16", "ours (packed cache)", "1.0"),
+            e2e("generate decode b=16", padded, "1.5"),
+            e2e("generate decode b=4", "ours (packed cache)", "1.0"),
+            e2e("generate decode b=4", padded, "1.4"),
+        ],
+    )
+    assert run_report(project).returncode == 0
+    table = block((project / "README.md").read_text())
+    lines = [line for line in table.splitlines() if line.startswith("| `python")]
+    assert len(lines) == 3, table
+    assert "`ours` 1 s: **2.00x** original |" in next(line for line in lines if "train cpu mix:" in line)
+    assert "**1.30x** padded" in table and "**1.50x** padded" in table
+    rows = "\n".join(lines)
+    for other in ("skip only", "aspect 2:1", "mix B=2", "b=4", "3.00x", "1.40x"):
+        assert other not in rows, other
+    report = (project / "results" / "REPORT.md").read_text()
+    for other in ("**1.25x** original", "3.00x", "1.10x", "1.40x"):
+        assert other in report, other
