@@ -292,9 +292,11 @@ def _wqkv_spec(name: str, attn: Attention) -> _Spec:
                 f"tensor {name}: shape {tuple(t.shape)}, the model expects {((G + 2) * Hkv * D, dim)}"
             )
         grouped = t.view(Hkv, G + 2, D, dim)
-        attn.wq.weight.copy_(grouped[:, :G].reshape(Hkv * G * D, dim))
-        attn.wk.weight.copy_(grouped[:, G].reshape(Hkv * D, dim))
-        attn.wv.weight.copy_(grouped[:, G + 1].reshape(Hkv * D, dim))
+        # Copied into views of the targets: reshaping the strided slices first would make a temporary of
+        # each in the checkpoint's dtype (fp32 for a bf16 model).
+        attn.wq.weight.view(Hkv, G, D, dim).copy_(grouped[:, :G])
+        attn.wk.weight.view(Hkv, D, dim).copy_(grouped[:, G])
+        attn.wv.weight.view(Hkv, D, dim).copy_(grouped[:, G + 1])
 
     def save() -> torch.Tensor:
         q = attn.wq.weight.view(Hkv, G, D, dim)

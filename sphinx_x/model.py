@@ -72,10 +72,11 @@ class SphinxX(nn.Module):
     """The SPHINX-X model.
 
     ``SphinxX(config, dtype=None, device=None)``: builds the LLM (from ``config.llm_weights`` if given: a
-    Hugging Face folder, loaded straight into `dtype` on `device`) and the vision towers (from their weight
-    files if given), in ``config.dtype`` unless `dtype` says otherwise; the projection, ``img_start``,
-    ``img_end`` and ``skip_token`` start random. ``device="meta"`` builds a shell (`from_pretrained` uses it).
-    """
+    Hugging Face folder) and the vision towers (from their weight files if given), in ``config.dtype`` unless
+    `dtype` says otherwise; a part with weights is built on the meta device and each checkpoint tensor copied
+    once, memory-mapped, into `dtype` on `device` (peak memory: the model once, never an fp32 copy); the
+    projection, ``img_start``, ``img_end`` and ``skip_token`` start random. ``device="meta"`` builds a shell
+    (`from_pretrained` uses it)."""
 
     def __init__(
         self,
@@ -507,13 +508,16 @@ class SphinxX(nn.Module):
                         f"tensor {name!r} has shape {shape} in the checkpoint but {tuple(expected[name].shape)} "
                         f"in a {config.name} model: a checkpoint of another architecture"
                     )
-                value = f.get_tensor(name)
+                value = f.get_tensor(name)  # a view of the memory-mapped file: nothing read yet
                 target = expected[name].dtype if not expected[name].is_floating_point() else dtype
-                state[name] = value.to(device=device, dtype=target)
+                # One copy per tensor, straight into the target dtype and device (peak: the model once), and
+                # always a copy: a parameter aliasing the mapped file would change (or fault, truncated) when
+                # a checkpoint is saved over it.
+                state[name] = value.to(device=device, dtype=target, copy=True)
         model.load_state_dict(state, strict=False, assign=True)
         if config.llm.tie_embeddings:
             model.llm.output.weight = model.llm.tok_embeddings.weight
-        model.vision.reset_buffers(device)
+        model.vision.reset_buffers(device)  # the buffers no checkpoint holds, the towers' own included
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.is_meta:
                 raise RuntimeError(f"{name} was not loaded (still on the meta device)")
