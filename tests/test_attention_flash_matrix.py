@@ -16,10 +16,10 @@ backend, up to 63 for Triton's interpreter; batch 3, 2 in the interpreter; 3 to 
 causal and head layouts are parametrized in full (for the Triton interpreter, at ~2.5 s of CPU a case, every
 value of each appears once), and the seqlen pairs and the packed layouts (qkv, kv, q/k/v) rotate through the
 cases. float32 is ours (flash-attn has none): its reference is float64 and its same-dtype
-yardstick PyTorch's own attention (per-sequence ``scaled_dot_product_attention``) in float32, plus the project's
-rounding floor (tests/conftest.py): a flash-style fp32 backward (PyTorch's CPU kernel, our Triton) recomputes
-the probabilities from the LSE and takes the row term from ``out * dout``, and its gradients exceed 2x the error
-of plain fp32 autograd in ~15% of small random cases (dQ up to 3.8x) without being wrong. The ``gpu`` variant
+yardstick a flash-style attention other than the one under test (``same_dtype_attention`` of
+tests/test_attention.py, which gives the numbers): for Triton PyTorch's per-sequence SDPA, for the torch backend
+(SDPA's CPU kernel) the same attention in plain float32 ops with the flash-style backward (P from the LSE, the
+row term from ``out * dout``); plus the project's rounding floor (tests/conftest.py). The ``gpu`` variant
 runs flash-attn's full-size pairs on the Triton kernels in bf16 (head dims 59, 128, 256).
 """
 
@@ -31,8 +31,9 @@ import math
 import pytest
 import torch
 from conftest import HAS_CUDA, rounding_floor
+from test_attention import same_dtype_attention
 
-from sphinx_kernels import varlen_attention, varlen_attention_ref
+from sphinx_kernels import varlen_attention
 
 # (backend, device, dtypes, seqlen pairs, single seqlens): bf16 is wrong in Triton's interpreter.
 CPU_PAIRS = [(1, 73), (56, 101), (64, 108), (57, 105), (54, 128), (128, 64), (63, 64), (64, 63)]
@@ -157,24 +158,24 @@ def attention_ref(q, k, v, query_padding_mask=None, key_padding_mask=None, causa
     return output.to(dtype=dtype_og), attention.to(dtype=dtype_og)
 
 
-def sdpa_ref(q, k, v, query_padding_mask, key_padding_mask, causal):
-    """float32's same-dtype yardstick (module docstring): PyTorch's attention reference on each sequence of
-    the padded batch, padded rows 0."""
+def fp32_ref(q, k, v, query_padding_mask, key_padding_mask, causal, backend):
+    """float32's same-dtype yardstick for `backend` (module docstring) on each sequence of the padded batch,
+    padded rows 0."""
     out = torch.zeros_like(q)
     for b in range(q.shape[0]):
         lq, lk = int(query_padding_mask[b].sum()), int(key_padding_mask[b].sum())
         cu_q = torch.tensor([0, lq], dtype=torch.int32, device=q.device)
         cu_k = torch.tensor([0, lk], dtype=torch.int32, device=q.device)
-        o = varlen_attention_ref(q[b, :lq], k[b, :lk], v[b, :lk], cu_q, causal=causal, cu_seqlens_k=cu_k)
-        out[b, :lq] = o
+        args = (q[b, :lq], k[b, :lk], v[b, :lk], cu_q, causal, cu_k)
+        out[b, :lq] = same_dtype_attention(*args, backend=backend)
     return out
 
 
-def references(q, k, v, query_padding_mask, key_padding_mask, causal):
-    """(out_ref, out_pt) as flash-attn's tests build them; float32: float64 and PyTorch's SDPA (docstring)."""
+def references(q, k, v, query_padding_mask, key_padding_mask, causal, backend):
+    """(out_ref, out_pt) as flash-attn's tests build them; float32: float64 and `fp32_ref` (docstring)."""
     out_ref, _ = attention_ref(q, k, v, query_padding_mask, key_padding_mask, causal=causal)
     if q.dtype == torch.float32:
-        return out_ref, sdpa_ref(q, k, v, query_padding_mask, key_padding_mask, causal)
+        return out_ref, fp32_ref(q, k, v, query_padding_mask, key_padding_mask, causal, backend)
     out_pt, _ = attention_ref(
         q, k, v, query_padding_mask, key_padding_mask, causal=causal, upcast=False, reorder_ops=True
     )
@@ -309,7 +310,7 @@ def test_flash_attn_varlen_qkvpacked(seed, backend, device, p):
         qkv_unpad, cu_seqlens, max_seqlen, 0.0, causal=causal, return_attn_probs=True
     )
     out = output_pad_fn(out_unpad)
-    out_ref, out_pt = references(*qkv.unbind(2), key_padding_mask, key_padding_mask, causal)
+    out_ref, out_pt = references(*qkv.unbind(2), key_padding_mask, key_padding_mask, causal, backend)
     g = torch.randn_like(out)
     (dqkv_unpad,) = torch.autograd.grad(out, qkv_unpad, g)
     dqkv = dqkv_pad_fn(dqkv_unpad)
@@ -351,7 +352,7 @@ def test_flash_attn_varlen_output(seed, backend, device, p):
             causal=causal, return_attn_probs=True,
         )  # fmt: skip
     out = output_pad_fn(out_unpad)
-    out_ref, out_pt = references(q, k, v, query_padding_mask, key_padding_mask, causal)
+    out_ref, out_pt = references(q, k, v, query_padding_mask, key_padding_mask, causal, backend)
     g = torch.randn_like(out)
     leaves = (q, kv) if kvpacked else (q, k, v)
     if kvpacked:
@@ -388,7 +389,7 @@ def test_flash_attn_varlen_causal(seed, backend, device, p):
         q_unpad, k_unpad, v_unpad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, causal=True
     )
     out = output_pad_fn(out_unpad)
-    out_ref, out_pt = references(q, k, v, query_padding_mask, key_padding_mask, True)
+    out_ref, out_pt = references(q, k, v, query_padding_mask, key_padding_mask, True, backend)
     g = torch.randn_like(out)
     dq_unpad, dk_unpad, dv_unpad = torch.autograd.grad(out, (q_unpad, k_unpad, v_unpad), g)
     dq, dk, dv = dq_pad_fn(dq_unpad), dk_pad_fn(dk_unpad), dk_pad_fn(dv_unpad)
