@@ -2,12 +2,19 @@
 
 Cache layout: every layer keeps ONE packed key stream and one value stream, ``(capacity_total, Hkv, D)``,
 in which prompt i owns the slot ``[offset_i, offset_i + capacity_i)`` (its prompt plus the tokens it may still
-generate). A slot is filled from its start; the unfilled tail of each slot is described to
-`sk.varlen_attention` as a sequence of its own with no queries, so ``cu_seqlens_k`` covers the whole buffer
-(``0, len_0, offset_1, offset_1 + len_1, ..., capacity_total``) and a step never moves cached tokens: a decode
-step writes B new keys in place and runs one varlen call with one query per live stream (causal masks align
-bottom-right, so the query sees all of its stream's keys). Prefill is the same call with every prompt's
-tokens as queries. The token-level engine is here; `sphinx_x.model` wraps it with the tokenizer and images.
+generate), reserved once, so a step never moves or copies cached tokens: a decode step writes B new keys in
+place and runs one varlen call with one query per live stream (causal masks align bottom-right, so the query
+sees all of its stream's keys). The keys between two live streams (an unfilled slot tail, a finished stream)
+are described to `sk.varlen_attention` as one sequence with no queries, and the keys after the last live
+stream are left out of the call (the buffers are passed sliced), so ``cu_seqlens_k`` just advances: for one
+stream it is ``(0, len_0)``. Prefill is the same call with every prompt's tokens as queries. The token-level
+engine is here; `sphinx_x.model` wraps it with the tokenizer and images.
+
+Per-step host work is O(B), not O(layers) or O(cache): `PackedKVCache.prepare` builds the step's boundaries
+and positions once per forward from host ints (two small tensors; on the CPU no device sync at all), and
+makes them ordinary (not inference-mode) tensors so that the attention op's value checks, cached per tensor
+identity and version, run once per step instead of once per layer (tiny preset, 1 thread, batch 1: the
+per-layer checks were ~0.25 ms of a ~2.8 ms decode step).
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ class CacheStep:
     """Where one forward's new tokens go and what they attend to (built by `PackedKVCache.prepare`).
 
     position_ids: int64 ``(T,)``; write_index: int64 ``(T,)`` rows of the cache buffers;
-    cu_seqlens_q / cu_seqlens_k: int32 ``(2B+1,)``: per stream its new tokens / its cached keys, each followed
-    by the empty-query "gap" sequence of its slot's unfilled tail; max_len: the longest stream after the step.
+    cu_seqlens_q / cu_seqlens_k: int32 ``(S+1,)``: one sequence per stream that gets new tokens (its new
+    tokens / all its keys), with one no-query sequence for the keys between two such streams where there are
+    any (S <= 2B); num_keys: ``cu_seqlens_k[-1]``, the leading rows of the buffers that `update` returns;
+    max_len: the longest stream after the step.
     """
 
     position_ids: torch.Tensor
@@ -39,6 +48,7 @@ class CacheStep:
     cu_seqlens_k: torch.Tensor
     max_seqlen_k: int
     max_len: int
+    num_keys: int
 
 
 class PackedKVCache:
@@ -119,44 +129,69 @@ class PackedKVCache:
                 raise ValueError(
                     f"stream {i}: {self.lengths[i]} cached + {n} new tokens exceed max_seq_len={max_seq_len}"
                 )
-        old = torch.tensor(self.lengths, dtype=torch.int64)
-        counts = torch.tensor(new, dtype=torch.int64)
-        self.lengths = [length + n for length, n in zip(self.lengths, new, strict=True)]
-        # positions of the new tokens: old length + 0..n-1 per stream
-        stream = torch.repeat_interleave(torch.arange(B), counts)
-        first = torch.cumsum(counts, 0) - counts
-        within = torch.arange(int(counts.sum())) - first[stream]
-        position_ids = old[stream] + within
-        write_index = torch.tensor(self.offsets, dtype=torch.int64)[stream] + position_ids
+        old = self.lengths
+        self.lengths = [length + n for length, n in zip(old, new, strict=True)]
+        # Sequences of the attention call: each stream with new tokens (its queries, all its keys), preceded by
+        # one no-query sequence for the keys since the previous such stream; keys after the last are left out.
         cu_q, cu_k = [0], [0]
         max_q = max_k = 0
         for i in range(B):
-            end = self.offsets[i] + self.capacities[i]
-            cu_q += [cu_q[-1] + new[i], cu_q[-1] + new[i]]  # the stream's queries, then its gap (none)
-            cu_k += [self.offsets[i] + self.lengths[i], end]
-            max_q = max(max_q, new[i])
-            max_k = max(max_k, self.lengths[i], end - self.offsets[i] - self.lengths[i])
+            if new[i] == 0:
+                continue
+            start, end = self.offsets[i], self.offsets[i] + self.lengths[i]
+            if cu_k[-1] < start:
+                max_k = max(max_k, start - cu_k[-1])
+                cu_q.append(cu_q[-1])
+                cu_k.append(start)
+            cu_q.append(cu_q[-1] + new[i])
+            cu_k.append(end)
+            max_q, max_k = max(max_q, new[i]), max(max_k, self.lengths[i])
+        if len(cu_q) == 1:  # no new token at all: one empty sequence keeps the boundaries (B+1,)-shaped
+            cu_q.append(0)
+            cu_k.append(0)
+        T = cu[-1]
+        live = [i for i in range(B) if new[i]]
+        index = None
+        if T == len(live):  # decoding, one token per live stream: positions and rows straight from host ints
+            index = [old[i] for i in live] + [self.offsets[i] + old[i] for i in live]
         dev = self.device
+        # Ordinary tensors even under inference_mode: the attention op caches its value checks by tensor
+        # identity and in-place version, which inference tensors lack (it would re-check in every layer).
+        with torch.inference_mode(False):
+            bounds = torch.tensor(cu_q + cu_k, dtype=torch.int32, device=dev)
+            if index is None:
+                counts = torch.tensor(new, dtype=torch.int64)
+                stream = torch.repeat_interleave(torch.arange(B), counts)
+                first = torch.cumsum(counts, 0) - counts
+                pos_t = torch.tensor(old, dtype=torch.int64)[stream] + torch.arange(T) - first[stream]
+                rows = torch.tensor(self.offsets, dtype=torch.int64)[stream] + pos_t
+                meta = torch.cat([pos_t, rows]).to(dev)
+            else:
+                meta = torch.tensor(index, dtype=torch.int64, device=dev)
+        n_seq = len(cu_q)
         self._step = CacheStep(
-            position_ids=position_ids.to(dev),
-            write_index=write_index.to(dev),
-            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=dev),
+            position_ids=meta[:T],
+            write_index=meta[T:],
+            cu_seqlens_q=bounds[:n_seq],
             max_seqlen_q=max_q,
-            cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=dev),
+            cu_seqlens_k=bounds[n_seq:],
             max_seqlen_k=max_k,
             max_len=max(self.lengths),
+            num_keys=cu_k[-1],
         )
         return self._step
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write layer `layer`'s new keys/values ``(T, Hkv, D)`` (in `prepare`'s order); returns the layer's
-        whole buffers ``(capacity_total, Hkv, D)`` to attend against with the step's ``cu_seqlens_k``."""
-        if self._step is None:
+        """Write layer `layer`'s new keys/values ``(T, Hkv, D)`` (in `prepare`'s order); returns the leading
+        ``(step.num_keys, Hkv, D)`` rows of the layer's buffers (views) to attend against with the step's
+        ``cu_seqlens_k``."""
+        step = self._step
+        if step is None:
             raise RuntimeError("PackedKVCache.update before prepare")
-        idx = self._step.write_index
-        self.k[layer].index_copy_(0, idx, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(0, idx, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]
+        kb, vb = self.k[layer], self.v[layer]
+        kb.index_copy_(0, step.write_index, k.to(kb.dtype))
+        vb.index_copy_(0, step.write_index, v.to(vb.dtype))
+        return kb[: step.num_keys], vb[: step.num_keys]
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -284,12 +319,18 @@ def _stream(
         return p.to(dtype) if p.dtype.is_floating_point else (llm.tok_embeddings(p) if embeds else p)
 
     def forward(parts: list[torch.Tensor], counts: list[int], cache: PackedKVCache | None) -> torch.Tensor:
-        x = torch.cat(parts)
-        ends = torch.tensor(counts).cumsum(0)
-        cu = torch.cat([ends.new_zeros(1), ends]).to(device=device, dtype=torch.int32)
-        rows = (ends - 1)[torch.tensor(counts) > 0].to(device)  # each live stream's last token
+        # Boundaries and logit rows from host ints (no tensor arithmetic, no device sync); cu is an ordinary
+        # tensor so that, without a cache, the attention op checks it once per forward, not once per layer.
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        cu = [0]
+        for n in counts:
+            cu.append(cu[-1] + n)
+        last = [cu[i + 1] - 1 for i in range(B) if counts[i]]  # each live stream's last token
+        with torch.inference_mode(False):
+            cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+        rows = None if len(last) == cu[-1] else torch.tensor(last, device=device)
         kw = {"inputs_embeds": x} if x.dtype.is_floating_point else {"input_ids": x}
-        return llm(**kw, cu_seqlens=cu, cache=cache, logits_rows=rows).logits
+        return llm(**kw, cu_seqlens=cu_t, max_seqlen=max(counts), cache=cache, logits_rows=rows).logits
 
     generated: list[list[int]] = [[] for _ in range(B)]
     active = list(range(B))
@@ -315,12 +356,12 @@ def _stream(
             if not active:
                 return
             if use_cache:
+                # token ids even for embedding prompts: the decoder embeds them itself (the same lookup)
                 ids = torch.tensor([generated[i][-1] for i in active], device=device)
-                parts = [llm.tok_embeddings(ids)] if embeds else [ids]
                 counts = [0] * B
                 for i in active:
                     counts[i] = 1
-                logits = forward(parts, counts, cache)
+                logits = forward([ids], counts, cache)
             else:
                 parts, counts = [], [0] * B
                 for i in active:

@@ -64,6 +64,50 @@ def test_cache_logits_match_full_pass(seed):
     assert_close_to_reference(torch.cat(got), full64, full32, name="cached logits")
 
 
+def test_cache_step_layout(seed):
+    """A step attends to the keys of its live streams only: one sequence per stream with new tokens, one
+    no-query sequence for the keys between two of them, nothing after the last; decoding writes in place
+    (write rows = slot offset + length) and its boundaries are ordinary tensors (the attention op caches its
+    value checks per tensor version, which inference tensors lack) even under inference_mode."""
+    llm = _tiny(moe=False)
+    lengths = [random.randint(2, 9), random.randint(2, 9), random.randint(2, 9)]
+    caps = [n + random.randint(2, 5) for n in lengths]
+    cache = PackedKVCache.for_model(llm, caps)
+    off = cache.offsets
+    with torch.inference_mode():
+        step = cache.prepare([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        assert step.cu_seqlens_k.tolist() == [
+            0,
+            lengths[0],
+            off[1],
+            off[1] + lengths[1],
+            off[2],
+            off[2] + lengths[2],
+        ]
+        assert step.cu_seqlens_q.tolist() == [
+            0,
+            lengths[0],
+            lengths[0],
+            sum(lengths[:2]),
+            sum(lengths[:2]),
+            sum(lengths),
+        ]
+        # stream 1 finished: streams 0 and 2 decode one token each
+        step = cache.prepare([0, 1, 1, 2])
+        assert step.position_ids.tolist() == [lengths[0], lengths[2]]
+        assert step.write_index.tolist() == [lengths[0], off[2] + lengths[2]]
+        assert step.cu_seqlens_q.tolist() == [0, 1, 1, 2]
+        assert step.cu_seqlens_k.tolist() == [0, lengths[0] + 1, off[2], off[2] + lengths[2] + 1]
+        assert step.num_keys == off[2] + lengths[2] + 1
+        assert not any(t.is_inference() for t in (step.cu_seqlens_q, step.cu_seqlens_k, step.position_ids))
+        # only stream 0: its keys alone, the rest of the buffers left out
+        step = cache.prepare([0, 1, 1, 1])
+        assert step.cu_seqlens_k.tolist() == [0, lengths[0] + 2] and step.num_keys == lengths[0] + 2
+        k, v = cache.update(0, torch.randn(1, 2, 8), torch.randn(1, 2, 8))
+        assert k.shape[0] == v.shape[0] == lengths[0] + 2
+    assert cache.lengths == [lengths[0] + 2, lengths[1], lengths[2] + 1]
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_greedy_cache_equals_recompute(moe, seed):
     llm = _tiny(moe)
