@@ -372,9 +372,10 @@ def train_step(workload: Workload, v: Variant, opt: torch.optim.Optimizer) -> No
     opt.zero_grad(set_to_none=True)
 
 
-def env_row() -> dict[str, str]:
-    """`harness.environment()` (device, CPU model and ISA, cores, threads, GPU, date, versions, load average)."""
-    return environment()
+def env_row(device: torch.device | str | None = None) -> dict[str, str]:
+    """`harness.environment(device)` (device, CPU model and ISA, cores, threads, GPU, date, versions, load
+    average); `device`: where the row was measured (a CPU row on a GPU machine stamps the CPU)."""
+    return environment(device)
 
 
 def shape_of(model: SphinxX, wl: Workload, aspect: str) -> str:
@@ -570,7 +571,7 @@ def generation_rows(
                     times[name][phase].append(t[phase])
     model.train()
     same = tokens[OURS_GEN] == tokens[PADDED_GEN]
-    env = env_row()
+    env = env_row(model.llm.tok_embeddings.weight.device)
     prefill_tokens = sum(int(p.shape[0]) for p in prompts)
     decode_tokens = len(prompts) * (new_tokens - 1)
     shape = (

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Row, print_table, round_robin_medians, write_rows  # noqa: E402
+from harness import Row, environment, print_table, round_robin_medians, write_rows  # noqa: E402
 
 from sphinx_x.config import get_config  # noqa: E402
 from sphinx_x.data import bundled_images, load_image  # noqa: E402
@@ -115,6 +115,7 @@ def bench_config(name: str, n_samples: int, rounds: int, device: torch.device) -
                 rate=batch.num_tokens / seconds,
                 unit="tokens/s",
                 note=f"{flops / seconds / 1e12:.3f} TFLOP/s (6 x {llm_params / 1e6:.1f}M active LLM params x T)",
+                env=environment(device),
             )
         )
     return rows

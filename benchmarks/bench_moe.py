@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Row, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
+from harness import Row, environment, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
 
 import sphinx_kernels  # noqa: E402
 from sphinx_kernels import _backend, moe  # noqa: E402
@@ -138,6 +138,7 @@ def cpu_rows(quick: bool) -> list[Row]:
     backends = ["torch"] + [
         b for b in ("cpu", "grouped_mm") if _backend._runs_on(b, torch.device("cpu"), "moe_permute")[0]
     ]
+    env = environment("cpu")  # measured on the CPU, also on a machine with a GPU
     for backward in (False, True):
         case = f"moe_mlp {'fwd+bwd' if backward else 'fwd'} (cpu)"
         flops = expert_flops(tokens, k, d, f, backward)
@@ -147,7 +148,9 @@ def cpu_rows(quick: bool) -> list[Row]:
             note = f"{timings['torch'] / s:.2f}x torch, {timings['loop sorted (peer)'] / s:.2f}x loop-sorted"
             if peer:
                 note += f", {peer / s:.2f}x _grouped_mm-sorted"
-            rows.append(Row("moe", case, b, shape, s, flops / s / 1e12, "TFLOP/s", round(ceiling, 4), note))
+            rows.append(
+                Row("moe", case, b, shape, s, flops / s / 1e12, "TFLOP/s", round(ceiling, 4), note, env)
+            )
     return rows
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Row, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
+from harness import Row, environment, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
 
 from sphinx_kernels import CLIP_MEAN, CLIP_STD, backends, plan_tiles, tile_gather  # noqa: E402
 
@@ -114,7 +114,9 @@ def run(n_images: int, canvas: int, grid: int, rounds: int, device: str) -> list
             if peer in timings
         ]
         note = ", ".join([f"{plan.num_views / seconds:.0f} views/s", *ratios])
-        rows.append(Row("tiles", case, name, shape, seconds, gbps, "GB/s", ceiling, note))
+        rows.append(
+            Row("tiles", case, name, shape, seconds, gbps, "GB/s", ceiling, note, environment(device))
+        )
     return rows
 
 

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Row, print_table, round_robin_medians, write_rows  # noqa: E402
+from harness import Row, environment, print_table, round_robin_medians, write_rows  # noqa: E402
 
 IMPLEMENTATIONS = [("eager", "eager"), ("sdpa", "grouped_mm"), ("sphinx", "sphinx")]
 
@@ -138,7 +138,15 @@ def main() -> None:
         steps[name] = make_step(model, batch, call)
     rows = [
         Row(
-            "transformers", case, name, shape, seconds, tokens / seconds, "tokens/s", note=notes.get(name, "")
+            "transformers",
+            case,
+            name,
+            shape,
+            seconds,
+            tokens / seconds,
+            "tokens/s",
+            note=notes.get(name, ""),
+            env=environment(device),
         )
         for name, seconds in round_robin_medians(steps, args.steps, device).items()
     ]

@@ -50,20 +50,31 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def environment() -> dict[str, str]:
+def environment(device: torch.device | str | None = None) -> dict[str, str]:
     """What a figure depends on, recorded in every row: device, CPU model and cores (also for GPU rows: the
-    host feeds the GPU), threads, GPU model, date (UTC), torch and triton versions, load average."""
+    host feeds the GPU), threads, GPU model, date (UTC), torch and triton versions, load average.
+
+    `device`: where the row was measured. A CPU device stamps the CPU (``cpu <arch> x<threads> threads``) and
+    an empty ``gpu`` even on a machine with a GPU (bench_tiles' CPU candidates on the GPU machine); a CUDA
+    device stamps that GPU's name; None (the default): the current GPU when CUDA is available, else the CPU.
+    """
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    where = torch.device(device) if device is not None else None
+    if where is None:
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    elif where.type == "cuda":
+        gpu = torch.cuda.get_device_name(where)
+    else:
+        gpu = ""
     threads = torch.get_num_threads()
-    device = gpu or f"cpu {platform.processor() or platform.machine()} x{threads} threads"
+    stamp = gpu or f"cpu {platform.processor() or platform.machine()} x{threads} threads"
     return {
-        "device": device,
+        "device": stamp,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "torch": torch.__version__,
         "triton": triton_version,
