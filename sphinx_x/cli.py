@@ -28,6 +28,7 @@ sphinx-x eval --checkpoint DIR --data FILE
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import statistics
@@ -492,10 +493,16 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("make-demo-data", help="write the demo conversation set (train mix + held-out split)")
     p.add_argument("dir", help="output folder")
-    p.add_argument("--train-images", type=int, default=1500)
-    p.add_argument("--heldout-images", type=int, default=60)
-    p.add_argument("--train-text", type=int, default=300)
-    p.add_argument("--heldout-text", type=int, default=20)
+    from sphinx_x.demo_data import make_demo_data
+
+    defaults = inspect.signature(make_demo_data).parameters  # one source of truth: the function's defaults
+    for name in ("train_images", "heldout_images", "train_text", "heldout_text"):
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=defaults[name].default,
+            help="default %(default)s",
+        )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=make_demo_data_cmd)
 
