@@ -121,8 +121,3 @@ def run_python(code: str, tmp_path, *, interpret: bool = False, timeout: int = 6
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
-
-
-def assert_within_reference_error(out, ref64, ref_lowp, *, name="output", atol=0.0):
-    """Transitional name, being migrated to assert_close_to_reference (the floor replaces `atol`)."""
-    assert_close_to_reference(out, ref64, ref_lowp, name=name)
