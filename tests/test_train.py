@@ -278,3 +278,16 @@ def test_moe_training_adds_the_balance_loss_and_logs_expert_load(demo, tmp_path,
     # Every (token, slot) pair lands on some expert: the loads are shares of the mean, so >= 1.
     assert all(r["expert_max_load_text"] >= 1 for r in rows)
     assert all(r["expert_max_load_image"] >= 1 or r["images_per_s"] == 0 for r in rows)  # a text-only bin: 0
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_configs_load(path):
+    """Every YAML under configs/ holds only TrainConfig keys and names a preset whose overrides apply (a typo
+    in a shipped config would otherwise surface only when a user launches it)."""
+    import sphinx_x
+
+    cfg = sxt.TrainConfig.load(path)
+    model = sphinx_x.get_config(cfg.model, **cfg.model_overrides)
+    assert model.llm.n_layers >= 1 and cfg.tokens_per_bin >= 1
