@@ -16,8 +16,9 @@ mask a padded pipeline passes (``padded_sdpa(mask)``, Hugging Face's 4-D mask); 
 (a Python loop, K/V heads via ``enable_gqa``, plain autograd). Our CPU path is the ``torch`` backend (the
 automatic choice on CPU): the same CPU flash kernels per sequence, but inside one registered op whose backward
 writes packed gradients directly and repeats k/v per q head (so it is not the per-sequence loop's autograd).
-In bf16 its backward, and in fp16 all of it, runs in fp32 (PyTorch's low-precision CPU backward misses
-flash-attn's accuracy bar, and this CPU has no fast fp16 kernel): the bf16/fp16 rows show what that costs
+In fp16 all of it runs in fp32 (this CPU has no fast fp16 kernel), in bf16 the backward runs plain ops with
+bf16 GEMMs for S, dP and dQ and float32 GEMMs and sums for dK/dV (PyTorch's low-precision CPU backward misses
+flash-attn's accuracy bar; see sphinx_kernels/attention/cpu.py): the bf16/fp16 rows show what that costs
 against per-sequence SDPA in the same dtype. The fp16 rows leave out the padded variants (native fp16 SDPA on
 the padded batch takes minutes per round here).
 

@@ -13,16 +13,28 @@ tests, causal, batch 5 x 6 heads: bf16 seqlen 384 d 32 dV 0.0625 against 0.0156)
   kernel (2-core AMD EPYC with AVX-512 BF16, causal fwd+bwd 8 heads x 2048 x 64: native fp16 3046 ms,
   through float32 474 ms).
 - bfloat16: the forward runs the native bf16 kernel (fp32 scores and statistics, P rounded to bf16 as in
-  flash-attn; within the bar), the backward runs in float32 (q, k, v, out, dout converted per sequence),
-  dK/dV summed over grouped-query heads in float32 and rounded once. Same machine: native bf16 forward 80 ms
-  vs 88 ms fp32; the bf16 backward (175 ms vs 223 ms fp32) misses the bar, so its speed cannot be kept.
+  flash-attn; within the bar). The backward (`_bf16_backward`) runs plain ops on 64 query rows at a time: S, dP
+  and dQ as bf16 GEMMs, softmax and dS in float32, dV and dK as float32 GEMMs summed in float32 and rounded once.
 - float32: native. float64: the native forward, and the backward in plain float64 ops (`cpu_backward`).
 
 Measured with flash-attn's qkvpacked inputs (causal, batch 5 x 6 heads, random padding), max error over the
 same-dtype plain-ops error (the bar is 2): this engine dQ/dK/dV <= 1.0 in every case (seqlen 200 d 32 fp16,
 384 d 32 bf16, 512 d 128 fp16, 2048 d 64 bf16); native low-precision SDPA dK 2.0, dV up to 4.0 (512 d 128
-fp16). Cost on the benchmark's mix (T 13908, causal fwd+bwd, 1 thread): fp32 1.09x per-sequence SDPA, bf16
-0.69x per-sequence bf16 SDPA (which misses the bar), fp16 6.9x per-sequence fp16 SDPA.
+fp16).
+
+The bf16 backward, chosen by measurement (the benchmark's mix: T 13908, Hq 4, Hkv 1, D 64, causal, 1 thread,
+medians of 7-11 interleaved rounds; accuracy on flash-attn's varlen qkvpacked (causal, seqlen 384 d 32 and
+1024 d 64) and output (512 x 256 d 128 MHA, 256 x 512 d 64 GQA) tests at batch 5, as a fraction of the bar):
+- the float32 backward (the previous path): fwd+bwd 0.90-0.94 s, 0.79-0.88x per-sequence bf16 SDPA; <= 0.5.
+- the native bf16 kernel: backward 0.51 s against 0.63 s in float32, but dV at 1.33 of the bar (it sums dK/dV in
+  bf16 across its query blocks); called on 32..256-row chunks with the chunks' dK/dV summed in float32 it stays
+  at 1.0-2.0 (the rounding is inside each call) and is slower (0.84-1.39 s).
+- this path with dV and dK as bf16 GEMMs too: each block's partial rounded to bf16 before the float32 sum put
+  dV at 1.0 of the bar in 3 of 6 seeds (384 d 32) and dK in 1 of 3; with them in float32: <= 0.5 in 20 runs.
+- this path: fwd+bwd 0.81-0.82 s against 0.90-0.94 s for the float32 backward (1.09-1.17x; 0.92-0.96x
+  per-sequence bf16 SDPA, which misses the bar); 128-row blocks 0.84 s, 256-row 1.00 s.
+Cost of the other dtypes on the same mix (earlier runs): fp32 1.09x per-sequence SDPA, fp16 6.9x per-sequence
+fp16 SDPA.
 """
 
 from __future__ import annotations
@@ -41,7 +53,8 @@ def forward_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def backward_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the backward kernel runs in (module docstring)."""
+    """The dtype PyTorch's CPU backward kernel runs in (module docstring; bfloat16 takes `_bf16_backward` unless
+    `BF16_BACKWARD_ROWS` is 0)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -110,6 +123,8 @@ def cpu_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, causal, scal
         # reference where plain float64 ops land at 1.4; 2 of 600 random cases of tests/test_attention.py beyond
         # the 2x rule, up to 1.65x). float64 is for checks, not speed: the softmax-backward formula in plain ops.
         return formula_backward(dout, q, k, v, out, cu_seqlens, cu_seqlens_k, causal, scale)
+    if q.dtype == torch.bfloat16 and BF16_BACKWARD_ROWS:
+        return _bf16_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, causal, scale)
     compute = backward_dtype(q.dtype)
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
@@ -160,3 +175,43 @@ def cpu_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, causal, scal
         dk[ks:ke] = gk[0].transpose(0, 1)
         dv[ks:ke] = gv[0].transpose(0, 1)
     return dq, dk, dv
+
+
+# Query rows per block of the bfloat16 backward (64 was the fastest of 64/128/256: module docstring); 0 runs the
+# float32 backward instead (for comparison).
+BF16_BACKWARD_ROWS = 64
+
+
+def _bf16_backward(dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, causal, scale):
+    """`cpu_backward` for bfloat16 in plain ops, `BF16_BACKWARD_ROWS` query rows at a time against the keys they
+    see (module docstring): S, dP and dQ as bf16 GEMMs (float32 products, bf16 outputs, as the same-dtype
+    reference), the softmax of S in float32 from S itself (so the row term rowsum(P * dP) is consistent with P;
+    `out` and `lse` are not needed), dS rounded to bf16 for dQ's GEMM as flash-attn does, dV and dK as float32
+    GEMMs summed in float32 and rounded once. Returns ``(dq, dk, dv)`` bf16, contiguous."""
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
+    kv_heads, group, d = k.shape[1], q.shape[1] // k.shape[1], q.shape[2]
+    for qs, qe, ks, ke in sequence_pairs(cu_seqlens, cu_seqlens_k):
+        a = qs + blind_rows(qe - qs, ke - ks, causal)
+        dq[qs:a] = 0
+        rows, k_len = qe - a, ke - ks
+        kh, vh, dkh, dvh = (t[ks:ke].transpose(0, 1) for t in (k, v, dk, dv))
+        for b0 in range(a, qe, BF16_BACKWARD_ROWS):
+            b1 = min(b0 + BF16_BACKWARD_ROWS, qe)
+            # Bottom-right causal: row r (from a) sees keys j <= r - a + k_len - rows; the block sees [0, end).
+            m, end = b1 - b0, (b1 - a + k_len - rows if causal else k_len)
+            # (Hkv, group * m, D): the q heads sharing a k/v head stacked as its rows.
+            qg, dog = (t[b0:b1].transpose(0, 1).reshape(kv_heads, group * m, d) for t in (q, dout))
+            s = torch.bmm(qg, kh[:, :end].transpose(1, 2)).float().mul_(scale)
+            if causal and m > 1:  # only the last m keys are hidden from some rows of the block
+                hidden = torch.ones(m, m, dtype=torch.bool, device=q.device).triu_(1)
+                s.view(kv_heads, group, m, end)[..., end - m :].masked_fill_(hidden, float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            dp = torch.bmm(dog, vh[:, :end].transpose(1, 2)).float()
+            ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p).mul_(scale)
+            # dV and dK as float32 GEMMs: their per-block partials rounded to bf16 (bf16 GEMMs) before the float32
+            # sum reached 2x the reference's error (module docstring).
+            dvh[:, :end] += torch.bmm(p.transpose(1, 2), dog.float())
+            dkh[:, :end] += torch.bmm(ds.transpose(1, 2), qg.float())
+            dq[b0:b1] = torch.bmm(ds.to(q.dtype), kh[:, :end]).view(q.shape[1], m, d).transpose(0, 1)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
