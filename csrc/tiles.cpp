@@ -327,6 +327,7 @@ SK_TILES_CLONES void store_row(const float* src, int64_t n, float scale, float s
 
 struct View {
   const int64_t* row;  // the view's row of the table
+  const uint8_t* image;  // its image's first pixel
   AxisTaps ys, xs;
   IntTaps ys_int;      // the vertical taps as int16 (bf16/fp16 output only)
   HTaps xs_simd;       // the horizontal taps expanded for the SIMD horizontal pass
@@ -344,8 +345,11 @@ void hpass(Isa isa, const float* acc, const View& view, int64_t nx, float* rgbx)
   hpass_scalar(acc, view.xs, view.col_lo, nx, rgbx);
 }
 
+// `images`: one flat buffer (`indexed` false: a view's image starts at images[0] + its kOffset) or one
+// pointer per image (`indexed` true: kOffset is the image's index), so a list of images needs no copy into
+// one buffer (a 97 MB copy for 32 photos: more than the kernel itself takes).
 template <typename scalar_t>
-void gather_views(const uint8_t* data, const int64_t* table, int64_t num_views, int64_t tile,
+void gather_views(const uint8_t* const* images, bool indexed, const int64_t* table, int64_t num_views, int64_t tile,
                   const float* scale, const float* shift, scalar_t* out) {
   // Integer vertical pass for 16-bit outputs only: float32/float64 keep float weights (see the top).
   constexpr bool kIntegerPass = std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
@@ -356,6 +360,7 @@ void gather_views(const uint8_t* data, const int64_t* table, int64_t num_views, 
       View& view = views[v];
       const int64_t* r = table + v * kViewColumns;
       view.row = r;
+      view.image = indexed ? images[r[kOffset]] : images[0] + r[kOffset];
       view.ny = std::max<int64_t>(0, std::min(tile, r[kOutH] - r[kY0]));
       view.nx = std::max<int64_t>(0, std::min(tile, r[kOutW] - r[kX0]));
       view.ys = axis_taps(r[kHeight], r[kOutH], r[kY0], view.ny);
@@ -384,7 +389,7 @@ void gather_views(const uint8_t* data, const int64_t* table, int64_t num_views, 
       if (y < view.ny && view.nx > 0) {
         nx = view.nx;
         const int64_t width = view.row[kWidth];
-        const uint8_t* rows = data + view.row[kOffset] + (view.ys.start[y] * width + view.col_lo) * 3;
+        const uint8_t* rows = view.image + (view.ys.start[y] * width + view.col_lo) * 3;
         // Slack past the last pixel: the SIMD horizontal pass reads up to a vector beyond its taps (at 0 weight).
         acc.resize(view.cols * 3 + 3 * view.xs.max_taps + 16);
         std::fill(acc.begin() + view.cols * 3, acc.end(), 0.0f);
@@ -429,12 +434,52 @@ void tile_gather_out_cpu(const at::Tensor& data, const at::Tensor& view_table, a
   check_tile_gather_args(data, view_table, scale, shift, out);
   const float scale_f[3] = {float(scale[0]), float(scale[1]), float(scale[2])};
   const float shift_f[3] = {float(shift[0]), float(shift[1]), float(shift[2])};
+  const uint8_t* base = data.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tile_gather_out_cpu", [&] {
-    gather_views<scalar_t>(data.data_ptr<uint8_t>(), view_table.data_ptr<int64_t>(), view_table.size(0),
-                           out.size(2), scale_f, shift_f, out.data_ptr<scalar_t>());
+    gather_views<scalar_t>(&base, false, view_table.data_ptr<int64_t>(), view_table.size(0), out.size(2), scale_f,
+                           shift_f, out.data_ptr<scalar_t>());
   });
 }
 
-TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) { m.impl("tile_gather_out", &tile_gather_out_cpu); }
+// The same from a list of (H, W, 3) images; the view table's offset column holds each view's image index.
+void tile_gather_list_out_cpu(at::TensorList images, const at::Tensor& view_table, at::ArrayRef<double> scale,
+                              at::ArrayRef<double> shift, at::Tensor& out) {
+  TORCH_CHECK(!images.empty(), "tile_gather_list_out: images is empty");
+  check_tile_gather_args(images[0].reshape(-1), view_table, scale, shift, out);
+  std::vector<const uint8_t*> bases(images.size());
+  for (size_t i = 0; i < images.size(); ++i) {
+    const at::Tensor& img = images[i];
+    TORCH_CHECK(img.scalar_type() == at::kByte && img.dim() == 3 && img.size(2) == 3 && img.is_contiguous() &&
+                    img.device() == out.device(),
+                "tile_gather_list_out: images[", i, "] must be a contiguous uint8 (H, W, 3) tensor on ", out.device());
+    bases[i] = img.data_ptr<uint8_t>();
+  }
+  const int64_t* table = view_table.data_ptr<int64_t>();
+  for (int64_t v = 0; v < view_table.size(0); ++v) {
+    const int64_t* r = table + v * kViewColumns;
+    TORCH_CHECK(r[kOffset] >= 0 && r[kOffset] < int64_t(images.size()) && images[r[kOffset]].size(0) == r[kHeight] &&
+                    images[r[kOffset]].size(1) == r[kWidth],
+                "tile_gather_list_out: view ", v, " names image ", r[kOffset], " of size ", r[kHeight], "x", r[kWidth],
+                ", which is not in images");
+  }
+  const float scale_f[3] = {float(scale[0]), float(scale[1]), float(scale[2])};
+  const float shift_f[3] = {float(shift[0]), float(shift[1]), float(shift[2])};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tile_gather_list_out_cpu", [&] {
+    gather_views<scalar_t>(bases.data(), true, table, view_table.size(0), out.size(2), scale_f, shift_f,
+                           out.data_ptr<scalar_t>());
+  });
+}
+
+// Declared here, not in ops.cpp: the list form is the CPU kernel's own (the GPU paths take one buffer).
+TORCH_LIBRARY_FRAGMENT(sphinx_kernels, m) {
+  m.def(
+      "tile_gather_list_out(Tensor[] images, Tensor view_table, float[] scale, float[] shift, Tensor(a!) out) -> "
+      "()");
+}
+
+TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
+  m.impl("tile_gather_out", &tile_gather_out_cpu);
+  m.impl("tile_gather_list_out", &tile_gather_list_out_cpu);
+}
 
 }  // namespace sphinx_kernels

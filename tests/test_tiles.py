@@ -1,5 +1,6 @@
 """Skip-token tile gathering: geometry, every backend against the reference, errors, compile, opcheck."""
 
+import os
 import random
 from fractions import Fraction
 
@@ -277,6 +278,45 @@ def test_backends_low_precision(seed, device):
             refs.check(views, backend)
 
 
+def cpu_isas():
+    """The CPU kernel's code paths this machine runs (csrc/tiles.cpp: SPHINX_KERNELS_TILES_ISA)."""
+    isas = ["scalar"]
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2" in flags:
+        isas.append("avx2")
+    if " avx512bw" in flags:
+        isas.append("avx512")
+    return isas
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_cpu_kernel_paths_meet_the_contract(seed, monkeypatch, isa):
+    """Every path of the CPU kernel (the plain C++ one is also what -DSPHINX_KERNELS_PORTABLE builds run):
+    fp32 by the project's rule; bf16/fp16 (integer vertical pass) also by the stricter contract of the
+    speed-up: at most one unit of the output dtype at the output's magnitude plus the fp32 path's error."""
+    monkeypatch.setenv("SPHINX_KERNELS_TILES_ISA", isa)
+    images = random_images(
+        [(1080, 1920), (479, 641), (5, 700), (3, 5)] + random_sizes(seed, 3, high=900), seed
+    )
+    refs = References(images)
+    fp32 = run_poisoned(images, "cpu", torch.float32)
+    refs.check(fp32, isa)
+    ref64 = refs(torch.float64)
+    fp32_err = (fp32.double() - ref64).abs().max().item()
+    for dtype in (torch.bfloat16, torch.float16):
+        views = run_poisoned(images, "cpu", dtype)
+        refs.check(views, isa)
+        err = (views.double() - ref64).abs().max().item()
+        bound = torch.finfo(dtype).eps * ref64.abs().max().item() + fp32_err
+        assert err <= bound, f"{isa} {dtype}: max error {err:.3g} > 1 ulp + fp32 error = {bound:.3g}"
+
+
+def test_cpu_kernel_path_names_are_checked(monkeypatch):
+    monkeypatch.setenv("SPHINX_KERNELS_TILES_ISA", "avx9")
+    with pytest.raises(RuntimeError, match="SPHINX_KERNELS_TILES_ISA must be scalar, avx2 or avx512"):
+        tile_gather([good()], backend="cpu")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_custom_normalisation_and_padding_is_zero(seed, device):
     images = random_images([(100, 300)], seed, device)
@@ -436,6 +476,13 @@ def test_opcheck(seed, backend):
         torch.library.opcheck(
             torch.ops.sphinx_kernels.tile_gather_out.default, (batch.data, table, scale, shift, out)
         )
+        # The list form: the table's offset column holds image indices, no packed buffer.
+        by_index = plan.view_table(range(len(images)))
+        for op in (
+            torch.ops.sphinx_kernels.tile_gather_list.default,
+            torch.ops.sphinx_kernels.tile_gather_list_out.default,
+        ):
+            torch.library.opcheck(op, (images, by_index, scale, shift, out))
 
 
 # ------------------------------------------------------------------------------------------------
