@@ -295,8 +295,14 @@ def test_cpu_kernel_paths_meet_the_contract(seed, monkeypatch, isa):
     fp32 by the project's rule; bf16/fp16 (integer vertical pass) also by the stricter contract of the
     speed-up: at most one unit of the output dtype at the output's magnitude plus the fp32 path's error."""
     monkeypatch.setenv("SPHINX_KERNELS_TILES_ISA", isa)
+    try:
+        tile_gather([good()], backend="cpu", dtype=torch.bfloat16)
+    except RuntimeError as exc:  # a -DSPHINX_KERNELS_PORTABLE build has the plain C++ path only
+        if "does not have it" not in str(exc):
+            raise
+        pytest.skip(f"this build has no {isa} path")
     images = random_images(
-        [(1080, 1920), (479, 641), (5, 700), (3, 5)] + random_sizes(seed, 3, high=900), seed
+        [(700, 1300), (479, 641), (5, 700), (3, 5)] + random_sizes(seed, 2, high=900), seed
     )
     refs = References(images)
     fp32 = run_poisoned(images, "cpu", torch.float32)
