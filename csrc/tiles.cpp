@@ -122,8 +122,9 @@ SK_TILES_CLONES void blend_rows(const uint8_t* rows, int64_t stride, const float
   }
 }
 
-// The integer vertical pass: acc[k] = float(sum_j w[j] * rows[j * stride + k]) for k in [begin, len); `n`
-// is even (the last weight may be a 0 pad: its row is then read as row n-2 again, never past the window).
+// The integer vertical pass: acc[k] = float(sum_j w[j] * rows[j * stride + k]) for k in [begin, len) over
+// the window's `n` rows. (The SIMD versions take taps in pairs: an odd window's 0-weight pad tap re-reads its
+// last row, never a row past the window, which may be past the image.)
 void blend_rows_int_scalar(const uint8_t* rows, int64_t stride, const int16_t* w, int64_t n, int64_t begin,
                            int64_t len, float* acc) {
   for (int64_t k = begin; k < len; ++k) {
@@ -143,7 +144,7 @@ inline const uint8_t* pair_row(const uint8_t* rows, int64_t stride, int64_t j, i
 // {0-3,16-19}, {4-7,20-23}, {8-11,24-27}, {12-15,28-31}; two lane permutes put them back in order.
 __attribute__((target("avx2"))) void blend_rows_int_avx2(const uint8_t* rows, int64_t stride, const int16_t* w,
                                                          int64_t n, int64_t count, int64_t len, float* acc) {
-  if (len < 32) return blend_rows_int_scalar(rows, stride, w, n, 0, len, acc);
+  if (len < 32) return blend_rows_int_scalar(rows, stride, w, count, 0, len, acc);
   const __m256i zero = _mm256_setzero_si256();
   for (int64_t k0 = 0; k0 < len; k0 += 32) {
     const int64_t k = std::min(k0, len - 32);  // the last step overlaps the one before: same values again
@@ -227,8 +228,8 @@ void blend_rows_int(Isa isa, const uint8_t* rows, int64_t stride, const int16_t*
   if (isa == Isa::kAvx512) return blend_rows_int_avx512(rows, stride, w, n, count, len, acc);
   if (isa == Isa::kAvx2) return blend_rows_int_avx2(rows, stride, w, n, count, len, acc);
 #endif
-  (void)count;
-  blend_rows_int_scalar(rows, stride, w, n, 0, len, acc);
+  (void)n;
+  blend_rows_int_scalar(rows, stride, w, count, 0, len, acc);  // the real taps only: no pad row is read
 }
 
 // The horizontal pass of one output row: rgbx[4x + c] = sum_j w[x][j] * acc[3 (start[x] + j) + c].
