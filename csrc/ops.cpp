@@ -16,6 +16,11 @@ TORCH_LIBRARY(sphinx_kernels, m) {
   // Skip-token tiling: out[v] = normalised view v, resampled straight from the uint8 source (see tiles.cpp).
   m.def(
       "tile_gather_out(Tensor data, Tensor view_table, float[] scale, float[] shift, Tensor(a!) out) -> ()");
+  // The same from a list of (H, W, 3) images, one pointer each (the view table's offset column is the image
+  // index): packing 97 MB into one buffer cost more than the kernel. CPU only; the GPU paths take one buffer.
+  m.def(
+      "tile_gather_list_out(Tensor[] images, Tensor view_table, float[] scale, float[] shift, Tensor(a!) out) -> "
+      "()");
   // Grouped MoE: rows sorted by expert (stable), int32 cumulative expert ends; weighted un-permutation (moe.cpp).
   m.def("moe_permute(Tensor x, Tensor expert_ids, int num_experts) -> (Tensor x_sorted, Tensor row_map, Tensor offsets)");
   m.def("moe_unpermute(Tensor y_sorted, Tensor row_map, Tensor weights) -> Tensor");

@@ -471,13 +471,6 @@ void tile_gather_list_out_cpu(at::TensorList images, const at::Tensor& view_tabl
   });
 }
 
-// Declared here, not in ops.cpp: the list form is the CPU kernel's own (the GPU paths take one buffer).
-TORCH_LIBRARY_FRAGMENT(sphinx_kernels, m) {
-  m.def(
-      "tile_gather_list_out(Tensor[] images, Tensor view_table, float[] scale, float[] shift, Tensor(a!) out) -> "
-      "()");
-}
-
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {
   m.impl("tile_gather_out", &tile_gather_out_cpu);
   m.impl("tile_gather_list_out", &tile_gather_list_out_cpu);
