@@ -38,11 +38,9 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def version_of(t: torch.Tensor) -> int | None:
-    """The tensor's in-place version counter; None for inference-mode tensors, which have none."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
+    """The tensor's in-place version counter; None for inference-mode tensors, which have none (asked
+    first: a caught RuntimeError costs ~11 us per call, paid in every layer of a decode step)."""
+    return None if t.is_inference() else t._version
 
 
 class IdentityCache:
