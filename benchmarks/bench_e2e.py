@@ -403,7 +403,7 @@ def train_rows(
         losses = {v.name: float(wl.loss(v)) for v in variants}
     fns = {v.name: (lambda v=v: train_step(wl, v, opt)) for v in variants}
     seconds = round_robin_medians(fns, rounds, device)
-    env = env_row()
+    env = env_row(device)
     base = seconds.get(ORIGINAL.name)
     rows = []
     for v in variants:
