@@ -15,6 +15,7 @@ device's copy bandwidth measured in the same run (do_bench medians).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from pathlib import Path
@@ -76,6 +77,38 @@ def torchvision_peer(images, canvas: int, grid: int, dtype: torch.dtype) -> torc
     return torch.stack(views)
 
 
+ISA_VAR = "SPHINX_KERNELS_TILES_ISA"
+
+
+def with_isa(isa: str, fn):
+    """`fn()` with the CPU tiling kernel forced onto one code path (csrc/tiles.cpp reads
+    SPHINX_KERNELS_TILES_ISA on every call)."""
+    old = os.environ.get(ISA_VAR)
+    os.environ[ISA_VAR] = isa
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[ISA_VAR]
+        else:
+            os.environ[ISA_VAR] = old
+
+
+def narrower_isas() -> list[str]:
+    """The code paths below this CPU's widest that the built kernel can be forced onto."""
+    if ISA_VAR in os.environ or not backends()["cpu"].available:
+        return []  # a forced path already: measure only that one
+    probe = [torch.zeros(20, 20, 3, dtype=torch.uint8)]
+    have = []
+    for isa in ("avx512", "avx2", "scalar"):
+        try:
+            with_isa(isa, lambda: tile_gather(probe, 28, 2, dtype=torch.bfloat16, backend="cpu"))
+        except RuntimeError:
+            continue
+        have.append(isa)
+    return have[1:]  # the widest is what the plain `cpu` candidate runs
+
+
 def copy_bandwidth(nbytes: int, device: str) -> float:
     """GB/s of a device-to-device copy of `nbytes` (the ceiling a gather-and-write kernel can approach)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -97,6 +130,13 @@ def run(n_images: int, canvas: int, grid: int, rounds: int, device: str) -> list
     for name in ("cpu",) if device == "cpu" else ("cuda", "triton"):
         if backends()[name].available:
             candidates[name] = lambda name=name: tile_gather(images, canvas, grid, dtype=dtype, backend=name)
+    if device == "cpu" and "cpu" in candidates:
+        # The narrower code paths of the same build in the same run: an AVX-512 machine also reports what
+        # an AVX2-only CPU and the portable build (scalar) get.
+        for isa in narrower_isas():
+            candidates[f"cpu[{isa}]"] = lambda isa=isa: with_isa(
+                isa, lambda: tile_gather(images, canvas, grid, dtype=dtype, backend="cpu")
+            )
     if device == "cpu":
         candidates["torchvision.v2"] = lambda: torchvision_peer(images, canvas, grid, dtype)
         timings = round_robin_medians(candidates, rounds, device)

@@ -204,7 +204,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "tiles": Family(
         "python benchmarks/bench_tiles.py",
-        ours=("cpu", "cuda", "triton"),
+        ours=("cpu", "cpu[avx2]", "cpu[scalar]", "cuda", "triton"),
         peers=("torchvision.v2", "torch"),
     ),
     "attention": Family(
