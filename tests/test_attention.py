@@ -367,10 +367,11 @@ def test_torch_backend_never_crosses_a_boundary(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_torch_backend_on_cpu_against_plain_ops_in_float64(seed, poison, dtype, heads, causal):
     """The CPU engine (PyTorch's CPU flash kernels per sequence, forward and backward, k/v repeated per q head
-    in the backward; fp16 and bf16's backward run in float32) against attention written with plain ops in
-    float64, on strided views of one fused projection with empty and length-1 sequences, within twice the
-    error of the same plain ops in the tested dtype (flash-attn's `attention_ref(upcast=False)`; not
-    per-sequence SDPA, whose CPU kernel is the one under test)."""
+    in the backward; fp16 runs in float32, bf16's backward in blocked plain ops, float64's backward in plain
+    ops) against attention written with plain ops in float64 (float64: long double), on strided views of one
+    fused projection with empty and length-1 sequences, within twice the error of `same_dtype_attention` in the
+    tested dtype (fp16/bf16: flash-attn's `attention_ref(upcast=False)`; never per-sequence SDPA, whose CPU
+    kernel is the one under test)."""
     lengths = [*random_lengths(seed, n=5), 0]
     cu = cu_from(lengths, device="cpu")
     hq, hkv = heads
