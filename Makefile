@@ -43,9 +43,9 @@ demo: build
 	rm -rf build/demo
 	$(VENV)/bin/sphinx-x make-demo-data build/demo
 	$(VENV)/bin/sphinx-x train --config configs/demo.yaml
-	@echo "three held-out questions (expected: blue, triangle, red):"
+	@echo "three held-out questions (expected: blue, green, red):"
 	$(VENV)/bin/sphinx-x chat --checkpoint build/demo/run --image build/demo/images/showcase_0.png "What colour is the square?"
-	$(VENV)/bin/sphinx-x chat --checkpoint build/demo/run --image build/demo/images/showcase_1.png "What shape is the green one?"
+	$(VENV)/bin/sphinx-x chat --checkpoint build/demo/run --image build/demo/images/showcase_1.png "What colour is the triangle?"
 	$(VENV)/bin/sphinx-x chat --checkpoint build/demo/run --image build/demo/images/showcase_2.png "What colour is the triangle?"
 
 bench: build
