@@ -97,8 +97,9 @@ def cpu_forward(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale) -> tuple[torch
     for a, qe, blind, ks, ke, is_causal, mask in _sequences(
         cu_seqlens, cu_seqlens_k, causal, compute, q.device
     ):
-        out[a - blind : a] = 0
-        lse[:, a - blind : a] = float("inf")
+        if blind:  # rows that see no key (an empty fill still costs two dispatches per sequence and layer)
+            out[a - blind : a] = 0
+            lse[:, a - blind : a] = float("inf")
         if a == qe:
             continue
         kh, vh = _heads_first(k, ks, ke, compute), _heads_first(v, ks, ke, compute)
