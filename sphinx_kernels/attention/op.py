@@ -223,8 +223,8 @@ def varlen_attention(
             with Lq queries and Lk keys sees keys ``j <= i + Lk - Lq``, so the last query sees every key; a
             query that sees no key (Lk = 0, or Lq > Lk and i < Lq - Lk) outputs 0. Both or neither.
         backend: ``"flash_attn" | "triton" | "torch"``; default: the fastest available (`_backend`). On CPU
-            tensors ``torch`` runs float16 in float32 and bfloat16's backward in float32 (see
-            `sphinx_kernels.attention.cpu`), within flash-attn's error bar.
+            tensors ``torch`` runs float16 in float32 and bfloat16's backward with float32 softmax and
+            dK/dV sums (see `sphinx_kernels.attention.cpu`), within flash-attn's error bar.
 
     Returns:
         ``(T, Hq, D)`` in q's dtype. Differentiable in q, k and v.
