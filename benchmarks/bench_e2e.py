@@ -1,7 +1,7 @@
 """End-to-end SPHINX-X throughput: our way against the original way, on the same samples, in one run.
 
     python benchmarks/bench_e2e.py [--batch 8] [--rounds 3] [--parts train,aspect,batch,generate] [--gpu]
-                                   [--smoke] [--no-write]
+                                   [--gen-rounds 9] [--smoke] [--no-write]
 
 Training step (tile gathering + vision towers + LLM forward + backward + AdamW step), the candidates taking
 turns step by step (`harness.round_robin_medians`: CPU median of repeated runs; GPU synchronised):
@@ -637,6 +637,13 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         "--batch", type=int, default=None, help="samples per training step (default 8; 8 GPU)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per candidate (median)")
+    parser.add_argument(
+        "--gen-rounds",
+        type=int,
+        default=9,
+        help="timed generations per candidate (median; a tiny decode step is ~2 ms of dispatch: at 3 rounds "
+        "the batch-1 ratio swung 0.5x-1.4x between runs of the same code on a quiet VM)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu", action="store_true", help="CUDA, the 1B-class preset sphinx-tiny in bf16")
     parser.add_argument(
@@ -696,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             model, max(sizes), seed=args.seed + 3, kinds=kinds, reserve=new_tokens, device=device
         )
         for b in sizes:
-            done(generation_rows(model, gen_samples, b, new_tokens, rounds))
+            done(generation_rows(model, gen_samples, b, new_tokens, 1 if args.smoke else args.gen_rounds))
     print_table([r for r in rows if r.case.startswith("train")], baseline=ORIGINAL.name)
     print_table([r for r in rows if r.case.startswith("generate")], baseline=PADDED_GEN)
     if not args.no_write and rows:
