@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Row, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
+from harness import Row, environment, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
 
 from sphinx_kernels import varlen_attention  # noqa: E402
 
@@ -188,7 +188,18 @@ def measure(case, lengths, heads, kv_heads, head_dim, dtype, device, repeats, ba
         rate = flops / seconds / (1e12 if device == "cuda" else 1e9)
         ceiling = "FA2 fwd ~190-335 causal (H100)" if device == "cuda" and not backward else ""
         rows.append(
-            Row("attention", case, name, shape, seconds, rate, unit, ceiling, note="useful causal FLOPs")
+            Row(
+                "attention",
+                case,
+                name,
+                shape,
+                seconds,
+                rate,
+                unit,
+                ceiling,
+                "useful causal FLOPs",
+                environment(device),
+            )
         )
     return rows
 
@@ -227,7 +238,18 @@ def decode_rows(case, lengths, dtype, device, repeats, heads=32, kv_heads=8, hea
     )
     kv_bytes = 2 * k.numel() * k.element_size()
     return [
-        Row("attention", case, name, shape, sec, kv_bytes / sec / 1e9, "GB/s", note="K/V bytes read")
+        Row(
+            "attention",
+            case,
+            name,
+            shape,
+            sec,
+            kv_bytes / sec / 1e9,
+            "GB/s",
+            "",
+            "K/V bytes read",
+            environment(device),
+        )
         for name, sec in medians.items()
     ]
 
