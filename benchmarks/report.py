@@ -130,14 +130,23 @@ def latest_runs(runs: list[Run]) -> list[Run]:
     """The latest run per (family, case without thread count, shape, threads, CPU model, GPU). A run whose CPU was
     not recorded is dropped when a recorded run of the same case and threads exists: a figure without its
     machine is kept only while there is nothing better."""
-    latest: dict[tuple, Run] = {}
+    latest = newest_by(runs, lambda run: (*run.key, run.cpu))
+    recorded = {r.key for r in latest if r.cpu}
+    return sorted((r for r in latest if r.cpu or r.key not in recorded), key=table_order)
+
+
+def newest_by(runs: list[Run], key: Callable[[Run], tuple]) -> list[Run]:
+    """The newest run (by date; the later in the CSVs on a tie) of each `key`."""
+    newest: dict[tuple, Run] = {}
     for run in runs:
-        key = (*run.key, run.cpu)
-        if key not in latest or run.date >= latest[key].date:
-            latest[key] = run
-    recorded = {r.key for r in latest.values() if r.cpu}
-    kept = [r for r in latest.values() if r.cpu or r.key not in recorded]
-    return sorted(kept, key=lambda r: (r.family, r.base_case, r.gpu, int(r.threads or 0), r.cpu))
+        k = key(run)
+        if k not in newest or run.date >= newest[k].date:
+            newest[k] = run
+    return list(newest.values())
+
+
+def table_order(run: Run) -> tuple:
+    return (run.family, run.base_case, run.gpu, int(run.threads or 0), run.cpu)
 
 
 def headline_runs(runs: list[Run]) -> list[Run]:
@@ -145,23 +154,19 @@ def headline_runs(runs: list[Run]) -> list[Run]:
     family's headline cases only. A run whose CPU model was not recorded is left out when a newer run of the
     same case (any thread count) names its CPU: that figure's machine is unknown and a newer one exists; while
     nothing newer exists it stays, labelled "CPU model not recorded"."""
-    newest: dict[tuple, Run] = {}
-    for run in runs:
-        key = (*run.case_key, run.cpu, run.gpu, run.threads)
-        if key not in newest or run.date >= newest[key].date:
-            newest[key] = run
+    newest = newest_by(runs, lambda run: (*run.case_key, run.cpu, run.gpu, run.threads))
     recorded: dict[tuple, str] = {}  # case and GPU -> date of the newest run that names its CPU
-    for run in newest.values():
+    for run in newest:
         if run.cpu:
             key = (*run.case_key, run.gpu)
             recorded[key] = max(recorded.get(key, ""), run.date)
     kept = [
         run
-        for run in newest.values()
+        for run in newest
         if family_of(run.family).in_headline(run.base_case)
         and (run.cpu or recorded.get((*run.case_key, run.gpu), "") <= run.date)
     ]
-    return sorted(kept, key=lambda r: (r.family, r.base_case, r.gpu, int(r.threads or 0), r.cpu))
+    return sorted(kept, key=table_order)
 
 
 def ms(seconds: float) -> str:

@@ -430,16 +430,22 @@ void check_tile_gather_args(const at::Tensor& data, const at::Tensor& view_table
               "tile_gather_out: data, view_table and out must be on one device");
 }
 
+// Both entry points after their checks: the normalisation as floats, the kernel for out's dtype.
+void run_gather(const uint8_t* const* images, bool indexed, const at::Tensor& view_table, at::ArrayRef<double> scale,
+                at::ArrayRef<double> shift, at::Tensor& out) {
+  const float scale_f[3] = {float(scale[0]), float(scale[1]), float(scale[2])};
+  const float shift_f[3] = {float(shift[0]), float(shift[1]), float(shift[2])};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tile_gather_cpu", [&] {
+    gather_views<scalar_t>(images, indexed, view_table.data_ptr<int64_t>(), view_table.size(0), out.size(2),
+                           scale_f, shift_f, out.data_ptr<scalar_t>());
+  });
+}
+
 void tile_gather_out_cpu(const at::Tensor& data, const at::Tensor& view_table, at::ArrayRef<double> scale,
                          at::ArrayRef<double> shift, at::Tensor& out) {
   check_tile_gather_args(data, view_table, scale, shift, out);
-  const float scale_f[3] = {float(scale[0]), float(scale[1]), float(scale[2])};
-  const float shift_f[3] = {float(shift[0]), float(shift[1]), float(shift[2])};
   const uint8_t* base = data.data_ptr<uint8_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tile_gather_out_cpu", [&] {
-    gather_views<scalar_t>(&base, false, view_table.data_ptr<int64_t>(), view_table.size(0), out.size(2), scale_f,
-                           shift_f, out.data_ptr<scalar_t>());
-  });
+  run_gather(&base, false, view_table, scale, shift, out);
 }
 
 // The same from a list of (H, W, 3) images; the view table's offset column holds each view's image index.
@@ -463,12 +469,7 @@ void tile_gather_list_out_cpu(at::TensorList images, const at::Tensor& view_tabl
                 "tile_gather_list_out: view ", v, " names image ", r[kOffset], " of size ", r[kHeight], "x", r[kWidth],
                 ", which is not in images");
   }
-  const float scale_f[3] = {float(scale[0]), float(scale[1]), float(scale[2])};
-  const float shift_f[3] = {float(shift[0]), float(shift[1]), float(shift[2])};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tile_gather_list_out_cpu", [&] {
-    gather_views<scalar_t>(bases.data(), true, table, view_table.size(0), out.size(2), scale_f, shift_f,
-                           out.data_ptr<scalar_t>());
-  });
+  run_gather(bases.data(), true, view_table, scale, shift, out);
 }
 
 TORCH_LIBRARY_IMPL(sphinx_kernels, CPU, m) {

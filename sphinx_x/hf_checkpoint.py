@@ -315,29 +315,32 @@ def _hf_specs(llm: LLM) -> dict[str, _Spec]:
     def add(name: str, target: torch.Tensor) -> None:
         specs[name] = _copy_spec(name, target)
 
-    if cfg.arch == "internlm2":
-        add("model.tok_embeddings.weight", llm.tok_embeddings.weight)
-        add("model.norm.weight", llm.norm.weight)
-        if not cfg.tie_embeddings:
-            add("output.weight", llm.output.weight)
-        for i, layer in enumerate(llm.layers):
-            p = f"model.layers.{i}."
-            add(p + "attention_norm.weight", layer.attention_norm.weight)
-            add(p + "ffn_norm.weight", layer.ffn_norm.weight)
+    # The tensors every layout has, by their two names: InternLM2's and the Llama family's.
+    internlm2 = cfg.arch == "internlm2"
+    embed, head, attn_norm, ffn_norm = (
+        ("model.tok_embeddings.weight", "output.weight", "attention_norm.weight", "ffn_norm.weight")
+        if internlm2
+        else (
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+        )
+    )
+    add(embed, llm.tok_embeddings.weight)
+    add("model.norm.weight", llm.norm.weight)
+    if not cfg.tie_embeddings:
+        add(head, llm.output.weight)
+    for i, layer in enumerate(llm.layers):
+        p = f"model.layers.{i}."
+        add(p + attn_norm, layer.attention_norm.weight)
+        add(p + ffn_norm, layer.ffn_norm.weight)
+        if internlm2:
             specs[p + "attention.wqkv.weight"] = _wqkv_spec(p + "attention.wqkv.weight", layer.attention)
             add(p + "attention.wo.weight", layer.attention.wo.weight)
             for w in ("w1", "w2", "w3"):
                 add(p + f"feed_forward.{w}.weight", getattr(layer.feed_forward, w).weight)
-        return specs
-
-    add("model.embed_tokens.weight", llm.tok_embeddings.weight)
-    add("model.norm.weight", llm.norm.weight)
-    if not cfg.tie_embeddings:
-        add("lm_head.weight", llm.output.weight)
-    for i, layer in enumerate(llm.layers):
-        p = f"model.layers.{i}."
-        add(p + "input_layernorm.weight", layer.attention_norm.weight)
-        add(p + "post_attention_layernorm.weight", layer.ffn_norm.weight)
+            continue
         attn = layer.attention
         for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
             lin = getattr(attn, ours)
