@@ -3,6 +3,8 @@ nvcc is found. Sources and flags come from csrc/build.json (shared with CMakeLis
 
 Environment:
   SPHINX_KERNELS_CUDA=0     build the CPU kernels only
+  SPHINX_KERNELS_PORTABLE=1 plain C++ CPU loops only (-DSPHINX_KERNELS_PORTABLE): no AVX2/AVX-512 variants,
+                            the build non-x86 hosts get; tests/seed_sweep.sh checks the suite against it
   TORCH_CUDA_ARCH_LIST      CUDA archs (default from build.json, "8.0;9.0a"); no GPU is ever queried here
   MAX_JOBS                  parallel compile jobs (ninja)
 """
@@ -39,6 +41,8 @@ def _extensions():
     cpp = [f"csrc/{name}" for name in CONFIG["cpp_sources"]]
     cuda = [f"csrc/{name}" for name in CONFIG["cuda_sources"]]
     cxx_flags = list(CONFIG["cxx_flags"]) + ["-DSPHINX_KERNELS_PYTHON_MODULE"]
+    if os.environ.get("SPHINX_KERNELS_PORTABLE", "0") != "0":
+        cxx_flags.append("-DSPHINX_KERNELS_PORTABLE")
     want_cuda = os.environ.get("SPHINX_KERNELS_CUDA", "1") != "0"
     nvcc = CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists()
     if want_cuda and torch.version.cuda and nvcc:

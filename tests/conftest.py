@@ -15,6 +15,32 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--seed-repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every test that takes the `seed` fixture N times, each with a fresh seed (the cross-machine "
+        "seed sweeps of benchmarks/seed_sweep.sh); SPHINX_TEST_SEED still pins one seed for all rounds",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    rounds = metafunc.config.getoption("seed_repeat")
+    if rounds < 1:
+        raise pytest.UsageError(f"--seed-repeat must be >= 1, got {rounds}")
+    if rounds > 1 and "seed" in metafunc.fixturenames:
+        metafunc.fixturenames.append("seed_round")
+        metafunc.parametrize("seed_round", range(rounds), indirect=True, ids=lambda r: f"round{r}")
+
+
+@pytest.fixture
+def seed_round(request):
+    """Which round of --seed-repeat this is (only a test id: each round draws its own seed)."""
+    return request.param
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
