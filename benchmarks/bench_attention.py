@@ -22,6 +22,14 @@ flash-attn's accuracy bar; see sphinx_kernels/attention/cpu.py): the bf16/fp16 r
 against per-sequence SDPA in the same dtype. The fp16 rows leave out the padded variants (native fp16 SDPA on
 the padded batch takes minutes per round here).
 
+Sequence-length sweep (CPU and GPU; ``--no-sweep`` leaves it out): the same comparison, causal fwd+bwd, at a
+fixed token count per step (CPU 8192, GPU 16384) for longest sequences of 512 to 4096 tokens (GPU 1k to
+16k): one sequence of that length, the others drawn between 1/8 of it and it, so that padding waste grows
+with the spread as in real data. Case ``cpu seqlen sweep`` / ``gpu seqlen sweep`` (dtype appended unless
+float32), the longest sequence in the shape's ``Lmax`` (benchmarks/plots.py draws throughput against it).
+CPU dtypes: ``--sweep-dtypes`` (default float32); GPU: bf16, without flex_attention (it recompiles for every
+new length).
+
 Decode (CPU and GPU): one new query per sequence against its cached keys (Hq 32, Hkv 8, D 128), our packed
 cache with ``cu_seqlens_k`` against one batched SDPA over the right-padded cache with a key-padding mask; the
 rate is K/V bytes read per second.
@@ -44,7 +52,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Row, environment, median_seconds, print_table, round_robin_medians, write_rows  # noqa: E402
+from harness import (  # noqa: E402
+    Row,
+    environment,
+    median_seconds,
+    print_table,
+    pytest_benchmark_test,
+    round_robin_medians,
+    write_rows,
+)
 
 from sphinx_kernels import varlen_attention  # noqa: E402
 
@@ -82,7 +98,7 @@ def padded(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def step_fns(lengths, q, k, v, do, device, backward: bool):
+def step_fns(lengths, q, k, v, do, device, backward: bool, flex: bool = True):
     """name -> zero-argument callable running one step (forward, or forward + backward)."""
     cu = cu_seqlens_of(lengths, device)
     lmax = max(lengths)
@@ -138,7 +154,8 @@ def step_fns(lengths, q, k, v, do, device, backward: bool):
         fns["sphinx_kernels(torch)"] = packed("torch")
         return fns
     fns["sphinx_kernels(triton)"] = packed("triton")
-    fns.update(_flex(lengths, q, k, v, do, backward))
+    if flex:
+        fns.update(_flex(lengths, q, k, v, do, backward))
     if _has_flash_attn():
         fns["flash_attn"] = packed("flash_attn")
     return fns
@@ -170,14 +187,16 @@ def _flex(lengths, q, k, v, do, backward):
     return {"flex_attention(doc mask)": run}
 
 
-def measure(case, lengths, heads, kv_heads, head_dim, dtype, device, repeats, backward) -> list[Row]:
+def measure(
+    case, lengths, heads, kv_heads, head_dim, dtype, device, repeats, backward, flex: bool = True
+) -> list[Row]:
     q, k, v, do = make_inputs(lengths, heads, kv_heads, head_dim, dtype, device)
     flops = causal_flops(lengths, heads, head_dim, backward)
     shape = (
         f"B={len(lengths)} T={sum(lengths)} Lmax={max(lengths)} Hq={heads} Hkv={kv_heads} D={head_dim} "
         f"{str(dtype).removeprefix('torch.')} causal {'fwd+bwd' if backward else 'fwd'}"
     )
-    fns = step_fns(lengths, q, k, v, do, device, backward)
+    fns = step_fns(lengths, q, k, v, do, device, backward, flex)
     if device == "cpu":
         medians = round_robin_medians(fns, repeats)
     else:
@@ -262,6 +281,33 @@ def _has_flash_attn() -> bool:
     return True
 
 
+def sweep_lengths(longest: int, total: int, rng: random.Random) -> list[int]:
+    """Sequence lengths summing to `total`: one of `longest`, the others drawn in ``[longest // 8, longest]``
+    (the last one cut to fit)."""
+    lengths = [longest]
+    while sum(lengths) < total:
+        lengths.append(min(rng.randint(max(longest // 8, 1), longest), total - sum(lengths)))
+    return lengths
+
+
+def sweep_rows(
+    device: str, longest: list[int], total: int, dtypes, heads, kv_heads, head_dim, args
+) -> list[Row]:
+    """Throughput against the longest sequence at a fixed token count (module docstring), fwd+bwd, causal."""
+    rows = []
+    where = "gpu" if device == "cuda" else "cpu"
+    for dtype in dtypes:
+        for lmax in longest:
+            lengths = sweep_lengths(lmax, total, random.Random(args.seed + lmax))
+            case = f"{where} seqlen sweep" + (
+                "" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}"
+            )
+            rows += measure(
+                case, lengths, heads, kv_heads, head_dim, dtype, device, args.repeats, True, flex=False
+            )
+    return rows
+
+
 def cpu_rows(args) -> list[Row]:
     rng = random.Random(args.seed)
     lengths = [rng.randint(300, 3000) for _ in range(args.sequences)]
@@ -271,6 +317,11 @@ def cpu_rows(args) -> list[Row]:
         case = "cpu multimodal mix 300..3000" + ("" if dtype == torch.float32 else f" {name}")
         rows += measure(
             case, lengths, args.heads, args.kv_heads, args.head_dim, dtype, "cpu", args.repeats, True
+        )
+    if not args.no_sweep:
+        dtypes = [getattr(torch, name) for name in args.sweep_dtypes.split(",")]
+        rows += sweep_rows(
+            "cpu", [512, 1024, 2048, 4096], 8192, dtypes, args.heads, args.kv_heads, args.head_dim, args
         )
     if args.no_decode:
         return rows
@@ -297,6 +348,8 @@ def gpu_rows(args) -> list[Row]:
                 args.repeats,
                 backward,
             )
+    if not args.no_sweep:
+        rows += sweep_rows("cuda", [1024, 2048, 4096, 8192, 16384], total, [torch.bfloat16], 32, 8, 128, args)
     caches = [rng.randint(256, 8192) for _ in range(32)]
     return rows + decode_rows("gpu decode, 32 caches 256..8192", caches, torch.bfloat16, "cuda", args.repeats)
 
@@ -317,6 +370,8 @@ def main() -> None:
     parser.add_argument("--gpu-only", action="store_true")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="CPU training rows' dtypes")
     parser.add_argument("--no-decode", action="store_true", help="leave out the CPU decode rows")
+    parser.add_argument("--no-sweep", action="store_true", help="leave out the sequence-length sweep")
+    parser.add_argument("--sweep-dtypes", default="float32", help="CPU sweep's dtypes (comma-separated)")
     parser.add_argument("--no-write", action="store_true", help="do not append rows to benchmarks/results")
     args = parser.parse_args()
     if args.threads:
@@ -330,6 +385,20 @@ def main() -> None:
     print_table(rows, baseline="padded_sdpa")
     if not args.no_write:
         print(f"\nrows appended to {write_rows(rows, 'attention')}")
+
+
+def _pytest_candidates() -> dict:
+    """The CPU fp32 multimodal mix's fwd+bwd candidates at the script's default sizes."""
+    rng = random.Random(0)
+    lengths = [rng.randint(300, 3000) for _ in range(8)]
+    q, k, v, do = make_inputs(lengths, 4, 1, 64, torch.float32, "cpu")
+    return step_fns(lengths, q, k, v, do, "cpu", True)
+
+
+# pytest-benchmark (``pytest benchmarks/bench_attention.py --benchmark-only``): the CPU mix, one test per candidate.
+test_bench_attention_cpu_mix = pytest_benchmark_test(
+    _pytest_candidates, ["padded_sdpa", "padded_sdpa(mask)", "per_sequence_sdpa", "sphinx_kernels(torch)"]
+)
 
 
 if __name__ == "__main__":

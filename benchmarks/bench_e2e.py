@@ -1,7 +1,8 @@
 """End-to-end SPHINX-X throughput: our way against the original way, on the same samples, in one run.
 
-    python benchmarks/bench_e2e.py [--batch 8] [--rounds 3] [--parts train,aspect,batch,generate] [--gpu]
-                                   [--gen-rounds 9] [--smoke] [--no-write]
+    python benchmarks/bench_e2e.py [--batch 8] [--rounds 3] [--parts train,aspect,batch,generate]
+                                   [--gpu | --cpu] [--gen-rounds 9] [--smoke] [--no-write]
+    pytest benchmarks/bench_e2e.py --benchmark-only    # the training-step candidates under pytest-benchmark
 
 Training step (tile gathering + vision towers + LLM forward + backward + AdamW step), the candidates taking
 turns step by step (`harness.round_robin_medians`: CPU median of repeated runs; GPU synchronised):
@@ -25,8 +26,10 @@ Generation (prefill + greedy decode with a KV cache, batch 1 and 16): ``generate
 (``cu_seqlens_k``, no padding) against the padded way (prompts left-padded to the longest, a ``(B, Hkv, L, D)``
 cache, masked SDPA, the torch backend), on the same prompt embeddings.
 
-``--gpu`` runs the 1B-class preset ``sphinx-tiny`` (TinyLlama-1.1B + DINOv2 ViT-g + ConvNeXt-XXL, random
-weights, bf16) on CUDA. Rows go to benchmarks/results/e2e.csv.
+Where it runs: the ``tiny`` preset in float32 on the CPU and, when CUDA is available, then the 1B-class preset
+``sphinx-tiny`` (TinyLlama-1.1B + DINOv2 ViT-g + ConvNeXt-XXL, random weights, bf16) on the GPU, so that
+``make bench`` measures every size the machine can run; ``--gpu`` runs the GPU sizes alone
+(benchmarks/gpu_check.sh), ``--cpu`` the CPU ones alone. Rows go to benchmarks/results/e2e.csv.
 """
 
 from __future__ import annotations
@@ -48,7 +51,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import RESULTS, Row, environment, print_table, round_robin_medians  # noqa: E402
+from harness import (  # noqa: E402
+    RESULTS,
+    Row,
+    environment,
+    print_table,
+    pytest_benchmark_test,
+    round_robin_medians,
+    write_rows,
+)
 
 import sphinx_kernels as sk  # noqa: E402
 from sphinx_x.batch import pack  # noqa: E402
@@ -613,26 +624,13 @@ def build_model(name: str, device: str, seed: int = 0, **overrides) -> SphinxX:
     return model
 
 
-def write(rows: list[Row], results: Path) -> Path:
-    import csv
-
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / "e2e.csv"
-    flat = [r.flat() for r in rows]
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(flat)
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=None, help="preset (default tiny; sphinx-tiny with --gpu)")
+    parser.add_argument(
+        "--config", default=None, help="preset (default: tiny on the CPU, sphinx-tiny on CUDA)"
+    )
     parser.add_argument(
         "--batch", type=int, default=None, help="samples per training step (default 8; 8 GPU)"
     )
@@ -645,7 +643,10 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         "the batch-1 ratio swung 0.5x-1.4x between runs of the same code on a quiet VM)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gpu", action="store_true", help="CUDA, the 1B-class preset sphinx-tiny in bf16")
+    parser.add_argument(
+        "--gpu", action="store_true", help="CUDA only: the 1B-class preset sphinx-tiny in bf16 (no CPU run)"
+    )
+    parser.add_argument("--cpu", action="store_true", help="the CPU only, also where CUDA is available")
     parser.add_argument(
         "--parts",
         default="train,aspect,batch,generate",
@@ -660,15 +661,31 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gpu and args.cpu:
+        raise SystemExit("--gpu and --cpu exclude each other (neither: the CPU, then the GPU when present)")
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device")
-    device = "cuda" if args.gpu else "cpu"
-    name = args.config or ("sphinx-tiny" if args.gpu else "tiny")
+    both = torch.cuda.is_available() and not (args.cpu or args.smoke)  # --smoke: the tests' CPU run only
+    devices = ["cuda"] if args.gpu else ["cpu", "cuda"] if both else ["cpu"]
+    rows: list[Row] = []
+    for device in devices:
+        rows += run_device(args, device)
+    print_table([r for r in rows if r.case.startswith("train")], baseline=ORIGINAL.name)
+    print_table([r for r in rows if r.case.startswith("generate")], baseline=PADDED_GEN)
+    if not args.no_write and rows:
+        print(f"\nrows appended to {args.results / 'e2e.csv'}")
+    return rows
+
+
+def run_device(args: argparse.Namespace, device: str) -> list[Row]:
+    """Every part of `args.parts` on `device`: ``--config``, else tiny on the CPU and sphinx-tiny on CUDA."""
+    gpu = device == "cuda"
+    name = args.config or ("sphinx-tiny" if gpu else "tiny")
     batch = args.batch or (2 if args.smoke else 8)
     rounds = 1 if args.smoke else args.rounds
-    new_tokens = args.new_tokens or (3 if args.smoke else 64 if args.gpu else 16)
+    new_tokens = args.new_tokens or (3 if args.smoke else 64 if gpu else 16)
     model = build_model(name, device, args.seed, **(SMOKE_OVERRIDES if args.smoke else {}))
-    where = "gpu" if args.gpu else "cpu"
+    where = "gpu" if gpu else "cpu"
 
     parts = set(args.parts.split(","))
     rows: list[Row] = []
@@ -677,12 +694,15 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         # Rows are appended as each part ends: a long CPU run that is stopped keeps what it measured.
         rows.extend(new)
         if not args.no_write and new:
-            write(new, args.results)
+            write_rows(new, "e2e", args.results)
 
     kinds = ("short",) if args.smoke else None
     if "train" in parts:
         mix = make_samples(model, batch, seed=args.seed, kinds=kinds, device=device)
-        print(f"training step, {name}, {batch} samples of the aspect/conversation mix, {rounds} rounds")
+        print(
+            f"training step, {name} on {device}, {batch} samples of the aspect/conversation mix, "
+            f"{rounds} rounds"
+        )
         done(train_rows(model, mix, f"train {where} mix", "mix", VARIANTS, rounds))
     pair = (OURS, ORIGINAL)
     if "aspect" in parts and not args.smoke:
@@ -704,11 +724,22 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         )
         for b in sizes:
             done(generation_rows(model, gen_samples, b, new_tokens, 1 if args.smoke else args.gen_rounds))
-    print_table([r for r in rows if r.case.startswith("train")], baseline=ORIGINAL.name)
-    print_table([r for r in rows if r.case.startswith("generate")], baseline=PADDED_GEN)
-    if not args.no_write and rows:
-        print(f"\nrows appended to {args.results / 'e2e.csv'}")
+    del model
+    if gpu:
+        torch.cuda.empty_cache()
     return rows
+
+
+def _pytest_candidates() -> dict:
+    """The CPU training-step candidates of the default run (tiny, 8 samples of the mix), one per variant."""
+    model = build_model("tiny", "cpu")
+    wl = Workload(model, make_samples(model, 8, seed=0))
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6, betas=(0.9, 0.95))
+    return {v.name: (lambda v=v: train_step(wl, v, opt)) for v in VARIANTS}
+
+
+# pytest-benchmark (``pytest benchmarks/bench_e2e.py --benchmark-only``): one test per training variant.
+test_bench_e2e_train_step = pytest_benchmark_test(_pytest_candidates, [v.name for v in VARIANTS])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""Shared benchmark harness: timing (median), environment stamp, CSV rows, ratio tables.
+"""Shared benchmark harness: timing (median), environment stamp, CSV rows, ratio tables, pytest-benchmark.
 
-CPU timing: repeated runs, the median (a warm-up first). GPU timing: ``triton.testing.do_bench`` (median).
+GPU timing: ``triton.testing.do_bench`` (median). CPU timing for the CSVs: our own repeated runs and their
+median, the candidates of a comparison taking turns (`round_robin_medians`), not pytest-benchmark, which times
+one benchmark's rounds back to back before the next one starts: on a shared CPU a burst of other work then
+lands on one candidate only (seen here: 20x outliers) and skews exactly the ratios the reports are about.
+pytest-benchmark runs the same candidates (`pytest_benchmark_test`; ``pytest benchmarks/bench_<family>.py
+--benchmark-only``) for its statistics and its comparisons between saved runs; its figures are not CSV rows.
 Every row records device, date, torch/triton versions, shape, and the achieved rate next to its ceiling.
 """
 
@@ -13,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -147,11 +152,12 @@ class Row:
         return {**d.pop("env"), **d}
 
 
-def write_rows(rows: list[Row], name: str) -> Path:
-    """Append rows to benchmarks/results/<name>.csv (header written once). A file written before a column was
-    added is rewritten once with the union of the columns, its old rows blank in the new ones."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.csv"
+def write_rows(rows: list[Row], name: str, results: Path = RESULTS) -> Path:
+    """Append rows to <results>/<name>.csv (default benchmarks/results; header written once). A file written
+    before a column was added is rewritten once with the union of the columns, its old rows blank in the new
+    ones."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.csv"
     flat = [r.flat() for r in rows]
     fields = list(flat[0])
     if path.exists():
@@ -174,14 +180,35 @@ def write_rows(rows: list[Row], name: str) -> Path:
 
 
 def print_table(rows: list[Row], baseline: str | None = None) -> None:
-    """Print rows per case; with `baseline` (a backend name) also each row's speed-up over it."""
-    cases: dict[str, list[Row]] = {}
+    """Print rows per case and shape (a sweep's points are one case); with `baseline` (a backend name) also
+    each row's speed-up over it within the same case and shape."""
+    cases: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
-        cases.setdefault(r.case, []).append(r)
-    for case, group in cases.items():
-        print(f"\n{case}  [{group[0].shape}]")
+        cases.setdefault((r.case, r.shape), []).append(r)
+    for (case, shape), group in cases.items():
+        print(f"\n{case}  [{shape}]")
         base = next((r for r in group if r.backend == baseline), None)
         for r in group:
             ratio = f"{base.seconds / r.seconds:6.2f}x vs {baseline}" if base else ""
             ceiling = f" (ceiling {r.ceiling})" if r.ceiling != "" else ""
             print(f"  {r.backend:<22} {r.seconds * 1e3:10.3f} ms  {r.rate:10.2f} {r.unit}{ceiling}  {ratio}")
+
+
+def pytest_benchmark_test(make: Callable[[], dict[str, Callable[[], object]]], names: Sequence[str]):
+    """A pytest test function that runs each candidate named in `names` under pytest-benchmark's ``benchmark``
+    fixture (one test per candidate, parametrized), or None where pytest is not installed. `make()` builds the
+    candidates (name -> zero-argument callable) once, at the first test that runs, not at import: a script run
+    of the benchmark never pays for it. Assign it to a module-level ``test_*`` name in a bench_<family>.py."""
+    try:
+        import pytest
+    except ImportError:
+        return None
+    built: dict[str, Callable[[], object]] = {}
+
+    @pytest.mark.parametrize("candidate", list(names))
+    def test(benchmark, candidate: str) -> None:
+        if not built:
+            built.update(make())
+        benchmark(built[candidate])
+
+    return test

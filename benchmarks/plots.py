@@ -30,6 +30,17 @@ def _is_ours(backend: str) -> bool:
     return bool(_OURS.match(backend))
 
 
+# A peer keeps its colour in every panel of a figure (matplotlib's cycle would restart per panel).
+_PEER_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+_peer_colours: dict[str, str] = {}
+
+
+def _colour(backend: str) -> str:
+    if _is_ours(backend):
+        return OURS_COLOUR
+    return _peer_colours.setdefault(backend, _PEER_PALETTE[len(_peer_colours) % len(_PEER_PALETTE)])
+
+
 def _read(results_dir: Path, name: str) -> list[dict[str, str]]:
     path = results_dir / f"{name}.csv"
     if not path.exists():
@@ -207,29 +218,47 @@ def _e2e_generate(results: Path, path: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-def _attention_seqlen(results: Path, path: Path) -> Path | None:
-    rows = _read(results, "attention")
-    panels: dict[tuple[str, str], list[dict[str, str]]] = {}
+_DTYPE = re.compile(r"\b(bfloat16|float16|float32|float64)\b")
+
+
+def attention_panels(
+    rows: list[dict[str, str]],
+) -> dict[tuple[str, str, str], tuple[bool, dict[str, list[tuple[int, float]]]]]:
+    """The attention figure's data: ``(machine, pass (unit), dtype) -> (sweep, backend -> [(Lmax, rate)])``,
+    points sorted by Lmax. One panel per dtype (fp32, bf16 and fp16 rows of one backend are different
+    workloads, never one line) and pass (``fwd``, ``fwd+bwd``, ``decode`` in GB/s). Where a panel has rows of a
+    ``seqlen sweep`` case, only those (`sweep` True: each backend's points are one workload at growing Lmax,
+    drawn as a line); else every row, drawn as separate points (different workloads)."""
+    panels: dict[tuple[str, str, str], list[dict[str, str]]] = {}
     for r in rows:
-        what = (
-            "decode" if r["unit"] == "GB/s" else "fwd+bwd" if "fwd+bwd" in r["case"] + r["shape"] else "fwd"
-        )
-        panels.setdefault((r["device"], r["unit"], what), []).append(r)
+        text = r["case"] + " " + r["shape"]
+        what = "decode" if r["unit"] == "GB/s" else "fwd+bwd" if "fwd+bwd" in text else "fwd"
+        found = _DTYPE.search(r["shape"])
+        key = (r["device"], f"{what} ({r['unit']})", found.group(1) if found else "")
+        panels.setdefault(key, []).append(r)
+    out = {}
+    for key, group in panels.items():
+        sweep = [r for r in group if "seqlen sweep" in r["case"]]
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in sweep or group:
+            lmax = int(_fields(r["shape"]).get("Lmax", 0))
+            series.setdefault(r["backend"], []).append((lmax, _float(r["rate"])))
+        out[key] = (bool(sweep), {backend: sorted(pts) for backend, pts in series.items()})
+    return out
+
+
+def _attention_seqlen(results: Path, path: Path) -> Path | None:
+    panels = attention_panels(_read(results, "attention"))
     if not panels:
         return None
     fig, axes = _figure(len(panels), width=5.0)
-    for ax, ((device, unit, what), group) in zip(axes, panels.items(), strict=True):
-        for backend in dict.fromkeys(r["backend"] for r in group):
-            pts = sorted(
-                (int(_fields(r["shape"]).get("Lmax", 0)), _float(r["rate"]))
-                for r in group
-                if r["backend"] == backend
-            )
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-" if len(pts) > 1 else "o", label=backend,
-                    color=OURS_COLOUR if _is_ours(backend) else None)  # fmt: skip
-        ax.set_xlabel("longest sequence (Lmax)")
-        ax.set_ylabel(unit)
-        ax.set_title(f"{device}: {what}", fontsize=9)
+    for ax, ((device, what, dtype), (sweep, series)) in zip(axes, panels.items(), strict=True):
+        for backend, pts in series.items():
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-" if sweep else "o", label=backend,
+                    color=_colour(backend))  # fmt: skip
+        ax.set_xlabel("longest sequence (Lmax)" + ("" if sweep else "; no sweep measured: single workloads"))
+        ax.set_ylabel(what.split("(")[-1].rstrip(")"))
+        ax.set_title(f"{device}: {what.split(' (')[0]} {dtype}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)

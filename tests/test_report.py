@@ -251,3 +251,48 @@ def test_e2e_headline_is_training_on_the_mix_and_generation_at_batch_1_and_16(pr
     report = (project / "results" / "REPORT.md").read_text()
     for other in ("**1.25x** original", "3.00x", "1.10x", "1.40x"):
         assert other in report, other
+
+
+def attention_row(backend, seconds, rate, *, case, lmax, dtype="float32", **kw):
+    shape = f"B=8 T=8192 Lmax={lmax} Hq=4 Hkv=1 D=64 {dtype} causal fwd+bwd"
+    return row(backend, seconds, case=case, family="attention", shape=shape, rate=rate, unit="GFLOP/s", **kw)
+
+
+def test_attention_sweep_stays_out_of_the_headline_and_its_figure_is_per_dtype(project):
+    """bench_attention's sequence-length sweep: each point a run of REPORT.md, none in the README (its points
+    are one case at several sizes); the figure draws each backend per dtype against Lmax, from the sweep only
+    where one exists, so fp32 and bf16 rows (or the mix's single point) never join one line."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from plots import attention_panels
+
+    mix = "cpu multimodal mix 300..3000"
+    rows = [
+        attention_row("sphinx_kernels(torch)", "1.0", "49", case=mix, lmax=2394),
+        attention_row("padded_sdpa", "1.5", "32", case=mix, lmax=2394),
+        attention_row(
+            "sphinx_kernels(torch)", "1.1", "42", case=f"{mix} bfloat16", lmax=2394, dtype="bfloat16"
+        ),
+        attention_row("padded_sdpa", "1.7", "27", case=f"{mix} bfloat16", lmax=2394, dtype="bfloat16"),
+    ]
+    for lmax, ours, padded in ((4096, "13", "4.5"), (512, "2.5", "1.3"), (1024, "4.0", "2.9")):
+        for backend, rate in (("sphinx_kernels(torch)", ours), ("padded_sdpa", padded)):
+            rows.append(
+                attention_row(backend, str(1 / float(rate)), rate, case="cpu seqlen sweep", lmax=lmax)
+            )
+    write_csv(project / "results" / "attention.csv", rows)
+    assert run_report(project).returncode == 0
+    table = block((project / "README.md").read_text())
+    assert "seqlen sweep" not in table and table.count("multimodal mix") == 2, table
+    report = (project / "results" / "REPORT.md").read_text()
+    assert report.count("### attention: cpu seqlen sweep") == 3
+    assert "attention_seqlen.png" in report and (project / "results" / "attention_seqlen.png").exists()
+
+    with (project / "results" / "attention.csv").open() as f:
+        written = [{**r, "device": "cpu"} for r in csv.DictReader(f)]
+    panels = attention_panels(written)
+    assert set(panels) == {("cpu", "fwd+bwd (GFLOP/s)", "float32"), ("cpu", "fwd+bwd (GFLOP/s)", "bfloat16")}
+    sweep, fp32 = panels["cpu", "fwd+bwd (GFLOP/s)", "float32"]
+    assert sweep and fp32["sphinx_kernels(torch)"] == [(512, 2.5), (1024, 4.0), (4096, 13.0)]
+    assert fp32["padded_sdpa"] == [(512, 1.3), (1024, 2.9), (4096, 4.5)]
+    sweep, bf16 = panels["cpu", "fwd+bwd (GFLOP/s)", "bfloat16"]
+    assert not sweep and bf16 == {"sphinx_kernels(torch)": [(2394, 42.0)], "padded_sdpa": [(2394, 27.0)]}
