@@ -335,26 +335,31 @@ class SphinxX(nn.Module):
         seed: int | None,
         use_cache: bool,
     ) -> Iterator[list[int | None]]:
+        """`generate_stream` on the samples' prompt embeddings. Checked at the call, not at the first
+        ``next()``: the arguments, the samples (`prepare`) and the prompts' lengths."""
         from sphinx_x.generate import generate_stream
 
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        steps = generate_stream(
+            self.llm,
+            self._prompts(samples),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop_sequences=[self._stop_ids()],
+            eos_id=self.tokenizer.eos_token_id,
+            use_cache=use_cache,
+        )
+        return self._in_eval_mode(steps)
+
+    def _in_eval_mode(self, steps: Iterator[list[int | None]]) -> Iterator[list[int | None]]:
         was_training = self.training
         self.eval()
         try:
-            prompts = self._prompts(samples)
             with torch.no_grad():
-                yield from generate_stream(
-                    self.llm,
-                    prompts,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=seed,
-                    stop_sequences=[self._stop_ids()],
-                    eos_id=self.tokenizer.eos_token_id,
-                    use_cache=use_cache,
-                )
+                yield from steps
         finally:
             self.train(was_training)
 
@@ -395,11 +400,20 @@ class SphinxX(nn.Module):
         use_cache: bool = True,
     ) -> Iterator[str]:
         """Yield the reply to one sample piece by piece as it is generated (the concatenation equals
-        ``generate([sample], ...)[0]``)."""
+        ``generate([sample], ...)[0]``). The sample and arguments are checked at the call."""
+        if not isinstance(sample, dict):
+            raise TypeError(
+                f"sample must be one {{'image': ..., 'conversations': [...]}} dict (generate takes a list), "
+                f"got {type(sample).__name__}"
+            )
+        steps = self._stream_tokens([sample], max_new_tokens, temperature, top_p, seed, use_cache)
+        return self._text_pieces(steps)
+
+    def _text_pieces(self, steps: Iterator[list[int | None]]) -> Iterator[str]:
         tokens: list[int] = []
         emitted = 0
         eos = self.tokenizer.eos_token_id
-        for step in self._stream_tokens([sample], max_new_tokens, temperature, top_p, seed, use_cache):
+        for step in steps:
             t = step[0]
             if t is None:
                 break
@@ -436,6 +450,20 @@ class SphinxX(nn.Module):
     ) -> str:
         """Answer `question` about `image` (a path, a uint8 ``(H, W, 3)`` tensor or None) after the earlier
         ``(question, answer)`` turns of `history`; `generate_kwargs` as `generate`'s."""
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a str, got {type(question).__name__}")
+        if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+            raise TypeError(
+                f"history must be a list of (question, answer) str pairs, got {type(history).__name__}"
+            )
+        for i, turn in enumerate(history):
+            if (
+                not isinstance(turn, Sequence)
+                or isinstance(turn, str)
+                or len(turn) != 2
+                or not all(isinstance(t, str) for t in turn)
+            ):
+                raise TypeError(f"history[{i}] must be a (question, answer) pair of str, got {turn!r:.80}")
         conversations = []
         for q, a in history:
             conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_close_to_reference
 
-from sphinx_x.generate import PackedKVCache, generate, generate_stream
+from sphinx_x.generate import PackedKVCache, _sample, generate, generate_stream
 from sphinx_x.llm import LLM, LLMConfig
 
 
@@ -135,6 +135,41 @@ def test_sampling_seeded_and_top_p(seed):
     # a nucleus smaller than any single token's mass keeps only the argmax: sampling becomes greedy
     greedy = generate(llm, prompts, max_new_tokens=10)
     assert generate(llm, prompts, max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=seed) == greedy
+
+
+def test_temperature_and_top_p_sample_the_nucleus(seed):
+    """Sampling draws from the smallest set of most likely tokens whose mass of softmax(logits / T) (float64
+    here) reaches top_p, with their renormalised probabilities; temperature 0 is the argmax."""
+    V = random.randrange(9, 30) | 1
+    temperature = random.choice([random.uniform(0.5, 0.8), random.uniform(1.3, 1.6)])  # far from 1
+    choices: list[float] = []
+    while not choices:  # (a draw with one token of > 98% mass has none: draw again)
+        logits = torch.randn(V) * 2
+        probs = torch.softmax(logits.double() / temperature, -1)
+        sorted_p, order = probs.sort(descending=True)
+        mass = sorted_p.cumsum(0)
+        # top_p at least 1e-3 away from every cumulative mass (float32 rounding cannot move the boundary),
+        # leaving >= 2% of the mass outside the nucleus (4000 draws ignoring top_p would land there ~80 times)
+        choices = [
+            p
+            for p in torch.linspace(0.05, 0.95, 91).tolist()
+            if (mass - p).abs().min() > 1e-3 and 1 - mass[int((mass < p).sum())] >= 0.02
+        ]
+    assert torch.equal(_sample(logits[None], 0.0, 1.0, None), logits.argmax()[None])
+    top_p = random.choice(choices)
+    k = int((mass < top_p).sum()) + 1  # the smallest prefix whose mass reaches top_p
+    n = 4000
+    draws = _sample(logits.expand(n, V), temperature, top_p, torch.Generator().manual_seed(seed))
+    counts = torch.bincount(draws, minlength=V).double()
+    assert counts[order[k:]].sum() == 0, f"drawn outside the nucleus of top_p={top_p} (k={k})"
+    expected = torch.zeros(V, dtype=torch.float64)
+    expected[order[:k]] = sorted_p[:k] / mass[k - 1]
+    # each count within 5 binomial standard deviations (+1 draw) of n * p: wrong temperature, nucleus or
+    # renormalisation moves some count by far more
+    sigma = (n * expected * (1 - expected)).sqrt()
+    assert ((counts - n * expected).abs() <= 5 * sigma + 1).all(), (counts, n * expected)
+    again = _sample(logits.expand(n, V), temperature, top_p, torch.Generator().manual_seed(seed))
+    assert torch.equal(draws, again)
 
 
 def test_stop_sequences_and_eos(seed):

@@ -218,7 +218,9 @@ def test_internlm2_fused_wqkv_layout(seed, tmp_path):
     assert config["architectures"] == ["InternLM2ForCausalLM"] and config["auto_map"]
 
 
-@pytest.mark.parametrize("arch,tie", [("mixtral", False), ("qwen2", True)])
+@pytest.mark.parametrize(
+    "arch,tie", [("llama", False), ("mistral", False), ("qwen2", True), ("qwen2", False), ("mixtral", False)]
+)
 def test_save_hf_round_trip_bit_exact(arch, tie, seed, tmp_path):
     hf = _hf_model(arch, vocab=71, tie=tie)
     hf.save_pretrained(tmp_path / "hf")

@@ -13,8 +13,10 @@ from safetensors.torch import save_file
 
 import sphinx_kernels as sk
 from sphinx_x.config import get_config
+from sphinx_x.llm import LLM
 from sphinx_x.model import BUNDLED_TOKENIZER, BundledTokenizer, SphinxX, load_tokenizer
 from sphinx_x.template import SEPARATOR, SYSTEM, format_conversation, tokenize_conversation
+from sphinx_x.tokenizer import BUNDLED_MARK
 
 WORDS = "the a dog cat red blue sky image shows two on in sits near what is where how many".split()
 
@@ -210,6 +212,28 @@ def test_train_step_moe_counts_and_controls(seed):
     }
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
     out = model(batch)
+    # The image/text split of the expert counts, independently: image positions read off the tile plan (right
+    # after each image sample's BOS, plan.visual_tokens of them), each token's experts the top-k of its
+    # router logits.
+    cfg = model.config.llm
+    with torch.no_grad():
+        routed = model.llm(
+            inputs_embeds=model.embed(batch),
+            cu_seqlens=batch.cu_seqlens,
+            position_ids=batch.position_ids,
+            compute_logits=False,
+        )
+    visual = batch.plan.visual_tokens(model.tokens_per_view)
+    is_image = torch.zeros(batch.num_tokens, dtype=torch.bool)
+    k = 0
+    for start, sample in zip(batch.cu_seqlens[:-1].tolist(), samples, strict=True):
+        if sample["image"] is not None:
+            is_image[start + 1 : start + 1 + visual[k]] = True
+            k += 1
+    for layer, logits in enumerate(routed.router_logits):
+        chosen = logits.float().topk(cfg.top_k, dim=-1).indices
+        for counts, rows in ((out.expert_counts_image, is_image), (out.expert_counts_text, ~is_image)):
+            assert torch.equal(counts[layer], torch.bincount(chosen[rows].flatten(), minlength=cfg.n_experts))
     (out.loss + model.config.aux_loss_weight * out.aux_loss).backward()
     opt.step()
     after = model(batch)
@@ -218,7 +242,6 @@ def test_train_step_moe_counts_and_controls(seed):
         if k in towers:
             assert torch.equal(v, towers[k]), f"frozen {k} changed"
 
-    cfg = model.config.llm
     n_image = int(batch.image_mask.sum())
     n_text = batch.num_tokens - n_image
     assert out.expert_counts_image.shape == (cfg.n_layers, cfg.n_experts)
@@ -299,6 +322,36 @@ def test_generate_stops_at_separator(seed):
     assert model.generate([question], max_new_tokens=2) == ["H."]
 
 
+def test_chat_history_and_image_paths(tmp_path, seed, monkeypatch):
+    from PIL import Image
+
+    model = _model("tiny", seed)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    image = _image(gen, rng.randint(20, 60), rng.randint(150, 260))  # a wide one: skipped tiles
+    path = tmp_path / "image.png"
+    Image.fromarray(image.numpy()).save(path)  # lossless: the file decodes to the tensor's pixels
+    conv = _conversation(rng, 3, generation=True)  # human, gpt, human, gpt, human
+    by_path = model.prepare([{"image": str(path), "conversations": conv}], generation=True)
+    by_tensor = model.prepare([{"image": image, "conversations": conv}], generation=True)
+    assert by_path.plan.num_skipped > 0
+    for field in ("views", "input_ids", "image_positions", "image_sources", "cu_seqlens"):
+        assert torch.equal(getattr(by_path, field), getattr(by_tensor, field)), field
+
+    # chat(image, question, history) is generate on the conversation of the history's turns then the question
+    expected = model.generate([{"image": image, "conversations": conv}], max_new_tokens=3)
+    calls = []
+    generate = model.generate
+
+    def spy(samples, **kwargs):
+        calls.append(samples)
+        return generate(samples, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    history = [(conv[0]["value"], conv[1]["value"]), (conv[2]["value"], conv[3]["value"])]
+    assert model.chat(path, conv[4]["value"], history, max_new_tokens=3) == expected[0]
+    assert calls == [[{"image": path, "conversations": conv}]]
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 def test_save_and_load_round_trip(tmp_path, seed, monkeypatch):
     # transformers is not a runtime dependency: the tiny presets build, save and load without it
@@ -334,6 +387,52 @@ def test_save_and_load_round_trip(tmp_path, seed, monkeypatch):
         SphinxX.from_pretrained(tmp_path / "ckpt")
 
 
+def test_llm_weights_folder_with_its_tokenizer(tmp_path, seed):
+    """A real preset's layout: `llm_weights` is a Hugging Face folder with the decoder and its tokenizer; the
+    model loads both (the tokenizer through transformers) and saves and reloads them; a decoder of another
+    architecture is refused, naming the fields that differ."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    overrides = {"llm": {"n_layers": 1}}
+    src = LLM(get_config("tiny", **overrides).llm)
+    src.save_hf(tmp_path / "llm")
+    transformers.AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER)).save_pretrained(tmp_path / "llm")
+    tok_config = tmp_path / "llm" / "tokenizer_config.json"
+    data = json.loads(tok_config.read_text())
+    del data[BUNDLED_MARK]  # an ordinary Hugging Face tokenizer folder now
+    tok_config.write_text(json.dumps(data))
+
+    model = SphinxX(get_config("tiny", llm_weights=str(tmp_path / "llm"), **overrides))
+    assert not isinstance(model.tokenizer, BundledTokenizer)
+    own = model.llm.state_dict()
+    for k, v in src.state_dict().items():
+        assert torch.equal(own[k], v), k
+    # the same weights on the bundled tokenizer (the same vocabulary) prepare and generate the same
+    bundled = SphinxX(get_config("tiny", **overrides))
+    assert isinstance(bundled.tokenizer, BundledTokenizer)
+    bundled.load_state_dict(model.state_dict())
+    samples = _samples(seed, generation=True)
+    a, b = model.prepare(samples, generation=True), bundled.prepare(samples, generation=True)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert model.generate(samples, max_new_tokens=3) == bundled.generate(samples, max_new_tokens=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = SphinxX.from_pretrained(tmp_path / "ckpt")
+    assert not isinstance(loaded.tokenizer, BundledTokenizer)
+    text = _text(random.Random(seed), 5, 20)
+    assert loaded.tokenizer.encode(text, add_special_tokens=False) == bundled.tokenizer.encode(text)
+
+    LLM(get_config("tiny-moe", **overrides).llm).save_hf(tmp_path / "moe")
+    with pytest.raises(
+        ValueError,
+        match=r"llm_weights .*moe is a checkpoint of another architecture \(arch: checkpoint 'mixtral'",
+    ):
+        SphinxX(
+            get_config(
+                "tiny", llm_weights=str(tmp_path / "moe"), tokenizer=str(BUNDLED_TOKENIZER), **overrides
+            )
+        )
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs(seed):
     model = _model("tiny", seed, llm={"max_seq_len": 200})
@@ -359,6 +458,19 @@ def test_bad_inputs(seed):
         model.loss([{"image": None, "conversations": good}], reduction="none")
     with pytest.raises(ValueError, match="end with a human turn"):
         model.generate([{"image": None, "conversations": good}], max_new_tokens=2)
+    # stream checks at the call, not at the first next()
+    with pytest.raises(TypeError, match="sample must be one .* dict"):
+        model.stream([{"image": None, "conversations": good[:1]}])
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        model.stream({"image": None, "conversations": good[:1]}, max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        model.stream({"image": None, "conversations": good[:1]}, top_p=1.5)
+    with pytest.raises(TypeError, match="question must be a str"):
+        model.chat(None, ["What is it?"])
+    with pytest.raises(TypeError, match=r"history\[1\] must be a \(question, answer\) pair"):
+        model.chat(None, "What is it?", history=[("q?", "a."), ("q?",)])
+    with pytest.raises(TypeError, match="history must be a list"):
+        model.chat(None, "What is it?", history="q? a.")
     with pytest.raises(ValueError, match="tokenizer has 512 tokens but llm.vocab_size is 100"):
         SphinxX(get_config("tiny", llm={"vocab_size": 100}))
 
