@@ -311,20 +311,6 @@ def _autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _to_device(samples: list[dict], device: torch.device) -> list[dict]:
-    if device.type == "cpu":
-        return samples
-    return [
-        {
-            **s,
-            "image": s["image"].to(device, non_blocking=True)
-            if isinstance(s["image"], torch.Tensor)
-            else None,
-        }
-        for s in samples
-    ]
-
-
 @dataclass
 class TrainResult:
     """What `train` did: steps run, per-step losses (global means), the export folder, the evaluations."""
@@ -431,6 +417,11 @@ def train(
     model.llm.activation_checkpointing = cfg.activation_checkpointing
     if dd.enabled:
         shard(model, dd, cfg.reshard_after_forward)
+        # The root group (embeddings, head, projector, image markers, towers) stays gathered from forward to
+        # backward under full sharding too, FSDP's own default for a root (backward needs it at once): resharded,
+        # touch_root_params would find only sharded parameters after forward, a text-only rank's projector would
+        # get no gradient, and the ranks' reduce-scatters would differ in size (a gloo collective mismatch).
+        model.set_reshard_after_forward(False, recurse=False)
     model.train()
     params = [p for g in _param_groups(model, cfg.weight_decay) for p in g["params"]]
     optimizer = torch.optim.AdamW(
@@ -483,6 +474,8 @@ def train(
             kept = m["samples"]
             weights.append(1.0 if kept else 0.0)
             # A bin that lost every sample still runs (ranks must meet in every collective) with weight 0.
+            # The images are still the workers' uint8 pixels: prepare's one tile_gather on the device
+            # resizes, normalises and tiles them (one byte per channel crosses to the device, not 2 or 4).
             batches.append(model.prepare(kept or [_PLACEHOLDER], device=dd.device))
         supervised = [float(b.num_supervised) * w for b, w in zip(batches, weights, strict=True)]
         n_global = max(1.0, dd.all_sum([sum(supervised)])[0])

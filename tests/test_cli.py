@@ -137,6 +137,15 @@ def test_make_demo_data_train_eval_chat_from_the_command_line(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2] and all(0 < r["fill"] <= 1 for r in rows)
     assert (out / "model" / "model.safetensors").is_file()
 
+    # The run's folder holds its checkpoint (written at the last step): starting over into it is refused,
+    # --resume continues from it (here one step further).
+    with pytest.raises(SystemExit, match=r"already holds checkpoints .*step_00000002.*--resume"):
+        main(argv[:6] + ["3", *argv[7:]])
+    assert main(argv[:6] + ["3", *argv[7:], "--resume"]) == 0
+    assert "held-out after training" in capsys.readouterr().out
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[:2] == rows
+
     assert main(["eval", "--checkpoint", str(out), "--data", str(data / "heldout.jsonl"), "--limit", "2",
                  "--max-new-tokens", "4"]) == 0  # fmt: skip
     assert re.search(

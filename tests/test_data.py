@@ -124,10 +124,27 @@ def test_mix_takes_each_dataset_by_its_ratio(tmp_path, seed):
         sxd.parse_mix([{"path": "d0.jsonl", "ratio": -1}])
 
 
+def test_mix_resolves_image_paths_against_each_datasets_root(tmp_path):
+    """``root`` (relative to the YAML file) is where a dataset's image paths start; without it, the dataset
+    file's own folder."""
+    (tmp_path / "anno").mkdir()
+    row = {"image": "cat.png", "conversations": _turns(("<image>\nWhat?", "A cat."))}
+    for name in ("a", "b"):
+        (tmp_path / "anno" / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    mix = [{"path": "anno/a.jsonl", "root": "pixels/a"}, {"path": "anno/b.jsonl"}]
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+    samples = sxd.load_mix(tmp_path / "mix.yaml")
+    assert [s["image"] for s in samples] == [
+        str(tmp_path / "pixels/a/cat.png"),
+        str(tmp_path / "anno/cat.png"),
+    ]
+    assert [s["dataset"] for s in samples] == [str(tmp_path / "anno/a.jsonl"), str(tmp_path / "anno/b.jsonl")]
+
+
 # ---------------------------------------------------------------------------------------- measuring
 
 
-def test_measure_skips_missing_images_and_cuts_long_samples_at_turns(tmp_path, seed):
+def test_measure_skips_missing_images_and_cuts_long_samples_at_turns(tmp_path, seed, caplog):
     rng = np.random.default_rng(seed)
     img = _png(tmp_path / "ok.png", int(rng.integers(20, 70)), int(rng.integers(20, 70)), rng)
     long_turns = _turns(*[(f"question {i}", "x" * int(rng.integers(5, 30))) for i in range(6)])
@@ -139,7 +156,16 @@ def test_measure_skips_missing_images_and_cuts_long_samples_at_turns(tmp_path, s
         {"id": "text", "image": None, "conversations": _turns(("q", "a"))},
     ]
     budget = 120
-    kept, lengths, stats = sxd.measure(samples, _text_length, budget)
+    with caplog.at_level("WARNING", logger="sphinx_x.data"):
+        kept, lengths, stats = sxd.measure(samples, _text_length, budget)
+    # Nothing is lost silently: each skipped, cut or dropped sample is a warning naming it.
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for what, sample_id in (
+        ("missing_images", "missing"),
+        ("truncated", "long"),
+        ("dropped_too_long", "huge"),
+    ):
+        assert any(m.startswith(f"{what}: sample {sample_id}:") for m in warned), warned
     assert [s["id"] for s in kept] == ["ok", "long", "text"]
     assert lengths == [_text_length(s, s["image_size"]) for s in kept] and max(lengths) <= budget
     assert kept[0]["image_size"] == sxd.image_size(img)
@@ -178,15 +204,18 @@ def test_plan_epoch_packs_every_sample_once_within_budget(seed):
 
 
 def test_demo_data_packs_at_least_95_percent_full(tmp_path):
+    """On the demo set, at the bin size and canvas `make demo` trains with (configs/demo.yaml)."""
     from sphinx_x.config import get_config
     from sphinx_x.model import SphinxX
 
+    demo_cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    budget = demo_cfg["tokens_per_bin"]
     demo = make_demo_data(tmp_path, train_images=240, heldout_images=4, train_text=60, heldout_text=2)
-    model = SphinxX(get_config("tiny", canvas=112))
-    samples, lengths, stats = sxd.measure(sxd.load_mix(demo.train), model.sample_length, 2048)
+    model = SphinxX(get_config(demo_cfg["model"], **demo_cfg["model_overrides"]))
+    samples, lengths, stats = sxd.measure(sxd.load_mix(demo.train), model.sample_length, budget)
     assert len(samples) == 300 and stats.missing_images == stats.truncated == 0
-    bins = sxd.plan_epoch(lengths, 2048, seed=0, epoch=0)
-    assert sxd.bin_fill(bins, lengths, 2048) >= 0.95
+    bins = sxd.plan_epoch(lengths, budget, seed=0, epoch=0)
+    assert sxd.bin_fill(bins, lengths, budget) >= 0.95
     # The lengths are exact: what prepare lays out for the bin.
     first = [samples[i] for i in bins[0]]
     batch = model.prepare([{**s, "image": sxd.load_image(s["image"]) if s["image"] else None} for s in first])

@@ -1,5 +1,6 @@
 """sphinx_x.train: schedule, config, data order, FSDP2 on gloo (2 ranks == 1 rank) and exact resume."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -131,9 +132,11 @@ def test_a_step_takes_the_same_bins_for_any_ranks_x_accumulation(seed):
 # ---------------------------------------------------------------------------------------- distributed
 
 
-def test_two_gloo_ranks_match_one_rank_on_the_same_global_batch(demo, tmp_path, seed):
+@pytest.mark.parametrize("reshard", [False, True], ids=["zero2", "zero3"])
+def test_two_gloo_ranks_match_one_rank_on_the_same_global_batch(demo, tmp_path, seed, reshard):
     """2 ranks (torchrun, FSDP2 over gloo, one bin each per step) against 1 rank accumulating the same
-    two bins: the same losses, gradient norms and final weights within fp32's own error.
+    two bins: the same losses, gradient norms and final weights within fp32's own error, with the default
+    ZeRO-2 sharding (parameters kept gathered from forward to backward) and with full sharding (ZeRO-3).
 
     Judged by the project's accuracy rule against a float64 run: summation order (the gradient reduction
     across ranks, the global norm summed over shards) is the only thing the two fp32 runs may differ in, so
@@ -145,7 +148,7 @@ def test_two_gloo_ranks_match_one_rank_on_the_same_global_batch(demo, tmp_path, 
     ref32 = sxt.train(_config(demo, tmp_path / "fp32", grad_accum=2, **cfg), progress=False)
     assert ref32.steps == steps and ref32.stats["bad_images"] == 0
 
-    config = _config(demo, tmp_path / "ranks2", **cfg)
+    config = _config(demo, tmp_path / "ranks2", reshard_after_forward=reshard, **cfg)
     config_file = tmp_path / "ranks2.yaml"
     config_file.write_text(yaml.safe_dump({**dataclasses.asdict(config), "betas": list(config.betas)}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -291,3 +294,196 @@ def test_shipped_configs_load(path):
     cfg = sxt.TrainConfig.load(path)
     model = sphinx_x.get_config(cfg.model, **cfg.model_overrides)
     assert model.llm.n_layers >= 1 and cfg.tokens_per_bin >= 1
+
+
+# ------------------------------------------------------------------------------------- the recipe's parts
+
+
+def test_recipe_defaults_and_no_weight_decay_on_norms_biases_or_frozen_towers():
+    """SPHINX-X's one-stage recipe (REFERENCE.md) is what an empty config gives; with weight decay set, the
+    norms and biases (and every vector) get none, and the frozen towers are in no group at all."""
+    from sphinx_x.config import get_config
+    from sphinx_x.model import SphinxX
+
+    cfg = sxt.TrainConfig()
+    assert cfg.betas == (0.9, 0.95) and cfg.weight_decay == 0 and cfg.min_lr == 0
+    assert cfg.warmup_epochs == 0.01 and cfg.grad_clip > 0 and cfg.reshard_after_forward is False
+
+    model = SphinxX(get_config("tiny", **SMALL_MODEL))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in sxt._param_groups(model, 0.1))
+    trainable = {names[id(p)] for p in model.trainable_parameters()}
+    assert decay | no_decay == trainable and not decay & no_decay
+    assert not any(n.startswith(("vision.dino.", "vision.convnext.")) for n in trainable)
+    assert {n for n in no_decay if "norm" in n or n.endswith(".bias")} == no_decay - {
+        "img_start",
+        "img_end",
+        "skip_token",
+    }
+    assert all(p.ndim >= 2 and "norm" not in n for n, p in model.named_parameters() if n in decay)
+    assert "vision.proj.bias" in no_decay and "llm.layers.0.attention_norm.weight" in no_decay
+    (only,) = sxt._param_groups(model, 0.0)
+    assert only["weight_decay"] == 0 and {names[id(p)] for p in only["params"]} == trainable
+
+
+def test_bf16_autocast_on_the_gpu_only_unless_asked():
+    import contextlib
+    import warnings
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with warnings.catch_warnings():  # torch warns that CUDA is absent here; the context is only inspected
+        warnings.simplefilter("ignore")
+        on_gpu = sxt._autocast("auto", cuda)
+    assert (
+        isinstance(on_gpu, torch.autocast) and on_gpu.device == "cuda" and on_gpu.fast_dtype == torch.bfloat16
+    )
+    asked = sxt._autocast("bf16", cpu)
+    assert isinstance(asked, torch.autocast) and asked.device == "cpu" and asked.fast_dtype == torch.bfloat16
+    for precision, device in (("auto", cpu), ("fp32", cuda), ("fp64", cpu)):
+        assert isinstance(sxt._autocast(precision, device), contextlib.nullcontext)
+
+
+def _step_samples(cfg: sxt.TrainConfig, model, step: int) -> list[list[dict]]:
+    """The bins of global step `step` on one rank, images decoded, planned as `train` plans them."""
+    from sphinx_x import data as sxd
+
+    limit = min(cfg.tokens_per_bin, model.config.llm.max_seq_len)
+    samples, lengths, _ = sxd.measure(sxd.load_mix(cfg.data, seed=cfg.seed), model.sample_length, limit)
+    plan = sxt.DataPlan(
+        lengths, cfg.tokens_per_bin, seed=cfg.seed, world=1, accum=cfg.grad_accum, window=cfg.pack_window
+    )
+    return [
+        [
+            {**samples[i], "image": sxd.load_image(samples[i]["image"]) if samples[i]["image"] else None}
+            for i in b
+        ]
+        for b in plan.step_bins(step, 0)
+    ]
+
+
+def _norm(grads) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None]))
+
+
+def test_a_step_descends_the_token_mean_over_accumulated_bins_plus_the_weighted_balance_loss(
+    demo, tmp_path, seed
+):
+    """Step 1 of an MoE run accumulating 3 bins, against an independent computation: its loss is the
+    cross-entropy mean over every supervised token of the step in ONE packed batch (accumulation must weigh
+    bins by their tokens, not average per-bin means), plus aux_loss_weight x the bins' mean balance loss;
+    the logged gradient norm (before clipping) is that sum's over the trainable parameters. The frozen
+    towers come out of training unchanged."""
+    weight = 0.5  # large, so that leaving the balance term out (or its weight) is far outside the tolerance
+    cfg = _config(
+        demo, tmp_path / "run", model="tiny-moe", grad_accum=3, max_steps=1, aux_loss_weight=weight,
+        seed=seed % 1000,
+    )  # fmt: skip
+    cfg.model_overrides = {**SMALL_MODEL, "llm.moe_ffn_dim": 32}
+    sxt.train(cfg, progress=False)
+    (row,) = _metrics(tmp_path / "run")
+
+    initial = sxt._build_model(cfg, torch.device("cpu"))  # the same seed: the run's initial weights
+    bins = _step_samples(cfg, initial, 0)
+    assert len(bins) == 3
+    refs = {}
+    for dtype in (torch.float64, torch.float32):
+        model = copy.deepcopy(initial).to(dtype).train()
+        params = model.trainable_parameters()
+        ce = model(model.prepare([s for b in bins for s in b])).loss
+        aux = torch.stack([model(model.prepare(b)).aux_loss for b in bins]).mean()
+        ce_grads = torch.autograd.grad(ce, params, allow_unused=True, retain_graph=True)
+        aux_grads = torch.autograd.grad(aux, params, allow_unused=True)
+        zero = torch.zeros((), dtype=dtype)
+        total = [
+            (zero if g is None else g) + weight * (zero if h is None else h)
+            for g, h in zip(ce_grads, aux_grads, strict=True)
+        ]
+        refs[dtype] = {
+            "loss": ce.detach(), "aux_loss": aux.detach(), "grad_norm": _norm(total), "ce_only": _norm(ce_grads),
+        }  # fmt: skip
+    for key in ("loss", "aux_loss", "grad_norm"):
+        got = torch.tensor(row[key], dtype=torch.float32)
+        assert_close_to_reference(got, refs[torch.float64][key], refs[torch.float32][key], name=key)
+    gap = abs(refs[torch.float64]["grad_norm"] - refs[torch.float64]["ce_only"]).item()
+    assert gap > 100 * abs(row["grad_norm"] - refs[torch.float64]["grad_norm"].item())  # the test has teeth
+
+    trained, start = _trained(tmp_path / "run"), initial.state_dict()
+    towers = [k for k in trained if k.startswith(("vision.dino.", "vision.convnext."))]
+    assert towers and all(torch.equal(trained[k], start[k]) for k in towers)
+    assert not torch.equal(trained["vision.proj.weight"], start["vision.proj.weight"])
+
+
+def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(
+    demo, tmp_path, seed, monkeypatch
+):
+    import sphinx_x.llm as sxllm
+
+    calls = []
+    real = sxllm.checkpoint
+    monkeypatch.setattr(sxllm, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = dict(max_steps=2, seed=seed % 1000)
+    plain = sxt.train(_config(demo, tmp_path / "plain", **cfg), progress=False)
+    assert not calls
+    ckpt = sxt.train(_config(demo, tmp_path / "ckpt", activation_checkpointing=True, **cfg), progress=False)
+    n_layers = sxt._build_model(_config(demo, tmp_path / "x"), torch.device("cpu")).config.llm.n_layers
+    assert len(calls) == 2 * n_layers  # every block of each step's forward went through checkpoint
+    # Recomputing a block's forward in backward runs the same float32 ops on the same inputs: bitwise equal.
+    assert ckpt.losses == plain.losses
+    a, b = _trained(tmp_path / "plain"), _trained(tmp_path / "ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_metrics_log_every_step_and_tensorboard_when_installed(demo, tmp_path, seed, monkeypatch):
+    """Each JSONL row's fields against the step's bins recomputed here; the same scalars reach
+    TensorBoard's SummaryWriter (a stand-in: tensorboard is optional and not installed in CI)."""
+    import types
+
+    import sphinx_kernels as sk
+
+    written = []
+
+    class Writer:
+        def __init__(self, logdir):
+            written.append(("logdir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            written.append(("closed",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    cfg = _config(demo, tmp_path / "run", max_steps=3, seed=seed % 1000)
+    result = sxt.train(cfg, progress=False)
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["loss"] for r in rows] == result.losses
+
+    model = sxt._build_model(cfg, torch.device("cpu"))
+    n = model.tokens_per_view
+    grid = model.config.grid
+    for r in rows:
+        bins = _step_samples(cfg, model, r["step"] - 1)
+        tokens = sum(model.sample_length(s) for b in bins for s in b)
+        sizes = [tuple(s["image"].shape[:2]) for b in bins for s in b if s["image"] is not None]
+        # Without skip tokens every image takes (grid^2 + 1) views of [s] N tokens [e].
+        plan = sk.plan_tiles(sizes, model.config.canvas, grid) if sizes else None
+        saved = len(sizes) * (grid * grid + 1) * (n + 2) - (sum(plan.visual_tokens(n)) if plan else 0)
+        assert r["tokens"] == tokens and r["fill"] == tokens / (len(bins) * cfg.tokens_per_bin) <= 1
+        assert r["visual_positions_saved"] == saved
+        assert r["tokens_per_s"] * r["seconds"] == pytest.approx(tokens)
+        assert r["images_per_s"] * r["seconds"] == pytest.approx(len(sizes))
+        assert r["bad_images"] == 0 and math.isfinite(r["loss"]) and r["lr"] > 0
+        for key in (
+            "loss",
+            "lr",
+            "tokens_per_s",
+            "images_per_s",
+            "fill",
+            "visual_positions_saved",
+            "grad_norm",
+        ):
+            assert (key, r[key], r["step"]) in written, key
+    assert written[0] == ("logdir", str(tmp_path / "run" / "tensorboard")) and written[-1] == ("closed",)
+    assert sum(r["visual_positions_saved"] for r in rows) == result.visual_positions_saved
