@@ -124,6 +124,11 @@ def _arch_of(hf: dict[str, Any]) -> str:
     model_type = hf.get("model_type")
     if not names and model_type in ARCHS:
         return model_type
+    if not names and model_type is None and "llm" in hf:
+        raise ValueError(
+            "config.json is a SphinxX folder's (written by SphinxX.save_pretrained), not a Hugging Face "
+            "checkpoint: load it with SphinxX.from_pretrained"
+        )
     raise ValueError(
         f"config.json: architecture {names or model_type!r} is not supported; supported: {sorted(_HF_ARCHS)}"
     )

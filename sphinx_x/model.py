@@ -510,6 +510,12 @@ class SphinxX(nn.Module):
                 f"{path} needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by save_pretrained)"
             )
         data = json.loads((path / CONFIG_FILE).read_text())
+        if "llm" not in data and ("architectures" in data or "model_type" in data):
+            raise ValueError(
+                f"{path} is a Hugging Face checkpoint ({data.get('architectures') or data.get('model_type')}), "
+                "not a SphinxX folder: load a decoder with LLM.from_hf, or build a model on it with "
+                "get_config(..., llm_weights=path)"
+            )
         config = SphinxXConfig.from_dict(data)
         if config.tokenizer is not None and not Path(config.tokenizer).is_absolute():
             config.tokenizer = str(path / config.tokenizer)

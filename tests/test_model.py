@@ -266,9 +266,17 @@ def test_dense_model_trains_a_step(seed):
     out = model(batch)
     assert out.expert_counts_image is None and out.aux_loss.item() == 0.0
     out.loss.backward()
-    model.activation_checkpointing = True  # the LLM's switch (its own tests check the recomputation)
+    # activation checkpointing per block (the LLM's switch): the same gradients, recomputed in backward
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing = True
     assert model.llm.activation_checkpointing
+    model(batch).loss.backward()
     model.activation_checkpointing = False
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[n]), n
     assert all(p.grad is None for t in model.vision.towers() for p in t.parameters())
     assert model.skip_token.grad is not None and model.skip_token.grad.abs().sum() > 0
     torch.optim.SGD(model.trainable_parameters(), lr=0.5).step()
@@ -420,6 +428,12 @@ def test_llm_weights_folder_with_its_tokenizer(tmp_path, seed):
     assert not isinstance(loaded.tokenizer, BundledTokenizer)
     text = _text(random.Random(seed), 5, 20)
     assert loaded.tokenizer.encode(text, add_special_tokens=False) == bundled.tokenizer.encode(text)
+
+    # the two kinds of folder are told apart
+    with pytest.raises(ValueError, match="is a Hugging Face checkpoint.*LLM.from_hf"):
+        SphinxX.from_pretrained(tmp_path / "llm")
+    with pytest.raises(ValueError, match="SphinxX folder.*SphinxX.from_pretrained"):
+        LLM.from_hf(tmp_path / "ckpt")
 
     LLM(get_config("tiny-moe", **overrides).llm).save_hf(tmp_path / "moe")
     with pytest.raises(
