@@ -396,6 +396,13 @@ def train_cmd(args: argparse.Namespace) -> int:
         f"throughput: {result.tokens_per_second:.0f} tokens/s; skip tokens saved "
         f"{result.visual_positions_saved} visual positions"
     )
+    s = result.stats
+    if s:  # what the data pipeline left out, also when it is nothing (bad data is never lost silently)
+        print(
+            f"data: {s['samples']} samples read; skipped {s['missing_images']} unreadable and "
+            f"{s['bad_images']} undecodable images; too long: {s['truncated']} cut at a turn, "
+            f"{s['dropped_too_long']} dropped"
+        )
     for name, ev in (("before", result.eval_before), ("after", result.eval_after)):
         if ev is not None:
             print(f"held-out {name} training: {ev.summary()}")

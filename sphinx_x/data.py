@@ -247,8 +247,9 @@ def load_mix(source: str | Path | Sequence[dict], *, seed: int = 0) -> list[dict
 
 @dataclass
 class DataStats:
-    """What the pipeline skipped, cut or dropped, so that nothing is lost silently (logged per run and
-    written to the metrics log)."""
+    """What the pipeline skipped, cut or dropped, so that nothing is lost silently: each case is a logged
+    warning naming the sample; the counts go into the run's result, its checkpoints' trainer state and the
+    ``sphinx-x train`` summary (``bad_images`` also into each step's metrics row)."""
 
     samples: int = 0
     images: int = 0

@@ -129,6 +129,9 @@ def test_make_demo_data_train_eval_chat_from_the_command_line(tmp_path, capsys):
     report = capsys.readouterr().out
     assert re.search(r"^loss: [\d.]+ .* -> [\d.]+", report, re.M), report
     assert re.search(r"throughput: \d+ tokens/s; skip tokens saved \d+ visual positions", report), report
+    assert re.search(
+        r"^data: 16 samples read; skipped 0 unreadable and 0 undecodable images; too long: ", report, re.M
+    )
     for when in ("before", "after"):
         assert re.search(rf"held-out {when} training: accuracy [\d.]+% on \d+ held-out questions", report), (
             report

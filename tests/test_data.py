@@ -75,6 +75,13 @@ def test_read_jsonl_and_json_strip_markers_and_resolve_images(tmp_path):
         assert samples[1]["conversations"][0]["value"] == "Hi"
         assert samples[0]["id"] == "a" and samples[1]["id"].startswith(str(tmp_path / name))
     assert sxd.read_samples(tmp_path / "d.jsonl")[0]["image"] == str(tmp_path / "img/x.png")
+    # A JSON list names the file and the line of a syntax error, and the list index of a schema error.
+    (tmp_path / "bad.json").write_text("[\n" + json.dumps(rows[0]) + ",\n{oops}\n]")
+    with pytest.raises(ValueError, match="bad.json:3: malformed JSON"):
+        sxd.read_samples(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], {"conversations": []}]))
+    with pytest.raises(ValueError, match=r"bad.json\[1\]: 'conversations'"):
+        sxd.read_samples(tmp_path / "bad.json")
 
 
 @pytest.mark.parametrize(

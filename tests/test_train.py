@@ -487,3 +487,38 @@ def test_metrics_log_every_step_and_tensorboard_when_installed(demo, tmp_path, s
             assert (key, r[key], r["step"]) in written, key
     assert written[0] == ("logdir", str(tmp_path / "run" / "tensorboard")) and written[-1] == ("closed",)
     assert sum(r["visual_positions_saved"] for r in rows) == result.visual_positions_saved
+
+
+def test_evaluation_counts_every_assistant_turn_and_averages_loss_over_supervised_tokens(demo, seed):
+    """`evaluate` asks each assistant turn with the earlier turns as history: accuracy is the share of
+    matching answers (a stand-in generate answers the reference to every other question), the loss the
+    float64 per-sample cross-entropy summed and divided by all supervised tokens."""
+    from sphinx_x import data as sxd
+
+    model = sxt._build_model(_config(demo, Path("unused"), precision="fp64"), torch.device("cpu"))
+    samples = sxd.read_samples(demo.heldout)
+    gen = torch.Generator().manual_seed(seed)
+    samples = [samples[i] for i in torch.randperm(len(samples), generator=gen)[:3].tolist()]
+    questions = [(s, k) for s in samples for k, t in enumerate(s["conversations"]) if t["from"] == "gpt"]
+    asked = []
+
+    def generate(prompts, max_new_tokens):
+        out = []
+        for prompt in prompts:
+            n = len(asked)
+            s, k = questions[n]
+            assert prompt["conversations"] == s["conversations"][:k] and prompt["image"] == s["image"]
+            asked.append(prompt)
+            out.append(s["conversations"][k]["value"] if n % 2 == 0 else "no idea")
+        return out
+
+    model.generate = generate
+    result = sxt.evaluate(model, samples, batch_size=2)
+    assert len(asked) == len(questions) == result.questions
+    assert result.accuracy == (len(questions) + 1) // 2 / len(questions)
+    kinds = [s["conversations"][k].get("kind", "answer") for s, k in questions]
+    assert {k: n for k, (_, n) in result.per_kind.items()} == {k: kinds.count(k) for k in set(kinds)}
+    with torch.no_grad():
+        outs = [model(model.prepare([s]), reduction="sum") for s in samples]
+    want = sum(float(o.loss) for o in outs) / sum(o.num_supervised for o in outs)
+    assert result.loss == pytest.approx(want, rel=1e-12)  # float64 both ways, summed in another order
