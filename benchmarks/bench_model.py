@@ -5,7 +5,8 @@ conversation of random length, plus text-only samples) into one batch with `Sphi
 `tile_gather` over all images, skipped tiles), then runs forward + backward. Each config is timed with every
 kernel on its automatic backend ("sphinx") and with every kernel on the PyTorch reference
 (``SPHINX_KERNELS_BACKEND=torch``: tile gather, varlen attention, RoPE, MoE), the two taking turns step by
-step in one run (harness.round_robin_medians), on the same model and the same batch.
+step in one run (harness.round_robin_medians), on the same model and the same batch; their losses are checked
+to agree first (each row's note gives its loss).
 
 Configs: ``tiny`` and ``tiny-moe`` (the test presets), ``100m`` (a 100M-class dense Llama: d 768, 12 layers,
 GQA 12/4, ffn 2048, vocab 32000) and ``100m-moe`` (the same with top-2-of-8 experts of width 1024); tiny
@@ -70,7 +71,9 @@ def step_fn(model: SphinxX, samples: list[dict], backend: str | None):
             for p in model.trainable_parameters():
                 p.grad = None
             batch = model.prepare(samples)
-            model(batch).loss.backward()
+            loss = model(batch).loss
+            loss.backward()
+            return loss.detach()
         finally:
             if previous is None:
                 os.environ.pop("SPHINX_KERNELS_BACKEND", None)
@@ -102,6 +105,13 @@ def bench_config(name: str, n_samples: int, rounds: int, device: torch.device) -
         "sphinx (auto backends)": step_fn(model, samples, None),
         "torch backend": step_fn(model, samples, "torch"),
     }
+    # The two candidates must compute the same step (else the ratio compares different work): their losses
+    # agree to fp32 rounding (bf16 on CUDA: a few bf16 ulps of the loss).
+    losses = {backend: float(fn()) for backend, fn in fns.items()}
+    ref = losses["torch backend"]
+    rel = max(abs(v - ref) for v in losses.values()) / max(abs(ref), 1e-12)
+    if rel > (1e-4 if dtype == torch.float32 else 3e-2):
+        raise SystemExit(f"{name}: the candidates' losses differ ({losses}): not the same computation")
     times = round_robin_medians(fns, rounds=rounds, device=device)
     rows = []
     for backend, seconds in times.items():
@@ -114,7 +124,8 @@ def bench_config(name: str, n_samples: int, rounds: int, device: torch.device) -
                 seconds=seconds,
                 rate=batch.num_tokens / seconds,
                 unit="tokens/s",
-                note=f"{flops / seconds / 1e12:.3f} TFLOP/s (6 x {llm_params / 1e6:.1f}M active LLM params x T)",
+                note=f"{flops / seconds / 1e12:.3f} TFLOP/s (6 x {llm_params / 1e6:.1f}M active LLM params x T); "
+                f"loss {losses[backend]:.6f}",
                 env=environment(device),
             )
         )
