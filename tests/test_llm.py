@@ -238,6 +238,12 @@ def test_save_hf_round_trip_bit_exact(arch, tie, seed, tmp_path):
     for (name, a), (_, b) in zip(llm.state_dict().items(), back.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert back.cfg == llm.cfg
+    # and a checkpoint transformers itself sharded
+    hf.save_pretrained(tmp_path / "hf_sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "hf_sharded").glob("*.safetensors"))) > 2
+    sharded = LLM.from_hf(tmp_path / "hf_sharded")
+    for (name, a), (_, b) in zip(llm.state_dict().items(), sharded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
     # transformers reads our files too
     reloaded = type(hf).from_pretrained(tmp_path / "sharded").eval()
     x = torch.randint(0, 71, (2, 6))
