@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 transformers = pytest.importorskip("transformers")
 
@@ -170,37 +171,41 @@ def test_packed_batch_matches_unpacked(seed, kind):
         assert_close_to_reference(got, ref64, ref32, name=f"{kind} packed (flash kwargs {flash_kwargs})")
 
 
+def generation_batch(seed: int, padded: bool):
+    """A left-padded batch (rows of 11, 6, 1 and 9 tokens) or an unpadded one of the same shape (4, 11): no
+    pad token, so generate's mask is all ones."""
+    batch = padded_batch(seed, "left")
+    if padded:
+        return batch
+    gen = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1, VOCAB, batch["input_ids"].shape, generator=gen)}
+
+
+GENERATE = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "mixtral"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_matches_eager(seed, kind, cache):
+def test_generate_matches_eager(seed, kind, cache, padded):
     """Greedy generation through transformers' cache paths: dynamic or static KV cache (whose preallocated
-    key buffer is longer than the tokens written), a left-padded and an unpadded batch. The tokens equal
+    key buffer is longer than the tokens written), a left-padded or an unpadded batch. The tokens equal
     eager's and every step's logits pass the accuracy rule."""
     model = tiny(kind, seed)
-    gen = torch.Generator().manual_seed(seed)
-    unpadded = {"input_ids": torch.randint(1, VOCAB, (3, 7), generator=gen)}
-    for batch in (padded_batch(seed, "left"), unpadded):
-        kwargs = dict(
-            max_new_tokens=4,
-            do_sample=False,
-            cache_implementation=cache,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        runs = {}
-        for name in ("eager", "sphinx", "64"):
-            sk_hf.register()
-            m = reference64(model) if name == "64" else with_impl(model.float(), name, name)
-            runs[name] = m.generate(**batch, **kwargs)
-        model.float()
-        padded = "attention_mask" in batch
-        assert torch.equal(runs["sphinx"].sequences, runs["eager"].sequences), (kind, cache, padded)
-        assert_close_to_reference(
-            torch.stack(runs["sphinx"].logits),
-            torch.stack(runs["64"].logits),
-            torch.stack(runs["eager"].logits),
-            name=f"{kind} {cache} cache, padded={padded}",
-        )
+    batch = generation_batch(seed, padded)
+    runs = {}
+    for name in ("eager", "sphinx", "64"):
+        sk_hf.register()
+        m = reference64(model) if name == "64" else with_impl(model.float(), name, name)
+        runs[name] = m.generate(**batch, **GENERATE, cache_implementation=cache)
+    model.float()
+    assert torch.equal(runs["sphinx"].sequences, runs["eager"].sequences)
+    assert_close_to_reference(
+        torch.stack(runs["sphinx"].logits),
+        torch.stack(runs["64"].logits),
+        torch.stack(runs["eager"].logits),
+        name=f"{kind} {cache} cache, padded={padded}",
+    )
 
 
 def test_static_cache_forward_without_mask(seed):
@@ -320,31 +325,39 @@ def test_torch_compile_no_graph_break(seed):
             assert_close_to_reference(got[key], ref64[key], ref32[key], name=f"compiled {name} {key}")
 
 
-def test_compiled_static_cache_generation(seed):
-    """transformers' compiled decoding (static cache, fullgraph) on a left-padded Mixtral batch: the same
-    tokens as eager and every step's logits within the rule."""
-    model = tiny("mixtral", seed)
-    batch = padded_batch(seed, "left")
-    kwargs = dict(
-        max_new_tokens=4,
-        do_sample=False,
-        cache_implementation="static",
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    ref32 = with_impl(model, "eager", "eager").generate(**batch, **kwargs)
-    ref64 = reference64(model).generate(**batch, **kwargs)
-    model.float()
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_compiled_static_cache_generation(seed, kind):
+    """transformers' compiled decoding (static cache, fullgraph: a graph break is an error) on a left-padded
+    and an unpadded batch of the same shape: the decoding steps of both generations run one graph (any
+    recompile is an error), and give eager's tokens and logits within the rule."""
+    model = tiny(kind, seed)
+    batches = {padded: generation_batch(seed, padded) for padded in (True, False)}
+    refs = {}
+    for padded, batch in batches.items():
+        ref32 = with_impl(model, "eager", "eager").generate(
+            **batch, **GENERATE, cache_implementation="static"
+        )
+        refs[padded] = ref32, reference64(model).generate(**batch, **GENERATE, cache_implementation="static")
+        model.float()
     sk_hf.register()
+    with_impl(model, "sphinx", "sphinx")
     config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
     config._compile_all_devices = True  # transformers compiles decoding on accelerators only by default
     torch._dynamo.reset()
-    got = with_impl(model, "sphinx", "sphinx").generate(**batch, **kwargs, compile_config=config)
-    assert model._compiled_call is not None  # the decoding steps did run compiled
-    assert torch.equal(got.sequences, ref32.sequences)
-    assert_close_to_reference(
-        torch.stack(got.logits), torch.stack(ref64.logits), torch.stack(ref32.logits), name="compiled static"
-    )
+    counters.clear()
+    for padded, batch in batches.items():
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = model.generate(**batch, **GENERATE, cache_implementation="static", compile_config=config)
+        assert model._compiled_call is not None  # the decoding steps did run compiled
+        ref32, ref64 = refs[padded]
+        assert torch.equal(got.sequences, ref32.sequences)
+        assert_close_to_reference(
+            torch.stack(got.logits),
+            torch.stack(ref64.logits),
+            torch.stack(ref32.logits),
+            name=f"{kind} compiled static, padded={padded}",
+        )
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
 def test_from_pretrained_and_apply_revert(tmp_path, seed):
