@@ -178,7 +178,7 @@ class SphinxX(nn.Module):
         image = sample.get("image")
         if image is not None:
             if image_size is None:
-                image_size = _image_size(image, "sample['image']")
+                image_size = _named_image_error(_image_size, image, "sample['image']")
             n += self._image_tokens(tuple(image_size))
         return n
 
@@ -214,7 +214,7 @@ class SphinxX(nn.Module):
                 sample_images.append(None)
             else:
                 sample_images.append(len(images))
-                images.append(_load_image(image, f"{name}['image']"))
+                images.append(_named_image_error(_load_image, image, f"{name}['image']"))
 
         views = plan = None
         visual: list[int] = []
@@ -567,6 +567,17 @@ def _check_same_arch(loaded: LLMConfig, wanted: LLMConfig, path: str) -> None:
             for k in _SHAPE_FIELDS if getattr(loaded, k) != getattr(wanted, k)]  # fmt: skip
     if diff:
         raise ValueError(f"llm_weights {path} is a checkpoint of another architecture ({'; '.join(diff)})")
+
+
+def _named_image_error(read: Any, image: Any, name: str) -> Any:
+    """``read(image, name)`` (decode, or read the size from the header), with a missing or unreadable file
+    named by the sample it belongs to (a batch may hold hundreds of paths)."""
+    if isinstance(image, (str, Path)) and not Path(image).is_file():
+        raise FileNotFoundError(f"{name}: no image file {str(image)!r}")
+    try:
+        return read(image, name)
+    except OSError as exc:  # PIL's UnidentifiedImageError, a truncated file, ...
+        raise ValueError(f"{name}: {str(image)!r} is not a readable image ({exc})") from exc
 
 
 def _view_dtype(vision: VisionEncoder, device: torch.device) -> torch.dtype:

@@ -448,7 +448,7 @@ def test_llm_weights_folder_with_its_tokenizer(tmp_path, seed):
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-def test_bad_inputs(seed):
+def test_bad_inputs(seed, tmp_path):
     model = _model("tiny", seed, llm={"max_seq_len": 200})
     good = _conversation(random.Random(seed), 1)
     img = torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8)
@@ -464,6 +464,16 @@ def test_bad_inputs(seed):
         model.prepare(
             [{"image": torch.randint(0, 256, (200, 200, 3), dtype=torch.uint8), "conversations": good}]
         )
+    with pytest.raises(FileNotFoundError, match=r"samples\[1\]\['image'\]: no image file .*nowhere.png"):
+        model.prepare(
+            [{"image": None, "conversations": good}, {"image": "nowhere.png", "conversations": good}]
+        )
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    with pytest.raises(ValueError, match=r"samples\[0\]\['image'\]: .*notes.png' is not a readable image"):
+        model.prepare([{"image": not_an_image, "conversations": good}])
+    with pytest.raises(ValueError, match=r"sample\['image'\]: .*notes.png' is not a readable image"):
+        model.sample_length({"image": str(not_an_image), "conversations": good})
     with pytest.raises(ValueError, match=r"samples\[0\] has no 'conversations'"):
         model.prepare([{"image": None}])
     with pytest.raises(TypeError, match="samples must be a non-empty list"):
