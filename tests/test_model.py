@@ -375,7 +375,11 @@ def test_save_and_load_round_trip(tmp_path, seed, monkeypatch):
         assert torch.equal(own[k], back[k]), k
     with torch.no_grad():
         assert torch.equal(model.loss(samples), loaded.loss(samples))
-    assert {id(p) for p in loaded.trainable_parameters()} != set()
+    # trainable: everything but the frozen towers (the LLM, the projection, img_start/end, the skip token)
+    frozen = {id(p) for t in loaded.vision.towers() for p in t.parameters()}
+    trainable = {id(p) for p in loaded.trainable_parameters()}
+    assert frozen and trainable == {id(p) for p in loaded.parameters()} - frozen
+    assert all(p.requires_grad for p in loaded.trainable_parameters())
     assert all(not p.requires_grad for t in loaded.vision.towers() for p in t.parameters())
     assert isinstance(loaded.tokenizer, BundledTokenizer)
     loaded.set_active_experts(1)  # MoE inference controls on a loaded model
