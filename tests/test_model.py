@@ -321,7 +321,9 @@ def test_generate_stops_at_separator(seed):
     sep = tok.encode(" H" + SEPARATOR, add_special_tokens=False)[1:]
     # prompt end -> " H" -> "." -> "\n###" -> " H" ...: without the stop it would go on for max_new_tokens
     _bigram(model, [last, h, dot, *sep, h])
+    model.train()
     assert model.generate([question], max_new_tokens=20) == ["H."]
+    assert model.training  # generation ran in eval mode and restored the caller's mode
     steps = list(model._stream_tokens([question], 20, 0.0, 1.0, None, True))
     assert [s[0] for s in steps] == [h, dot, *sep]
     assert model.chat(None, "Hi?", max_new_tokens=20) == "H."
