@@ -1,6 +1,7 @@
 """A few fine-tuning steps of a tiny Mixtral through transformers: tokens/s per implementation.
 
     python benchmarks/bench_transformers.py [--steps 8] [--batch 4] [--seq 256] [--packed] [--compile]
+                                            [--compile-backend inductor] [--no-write]
 
 Implementations, measured in one run on the same model and data: attn/experts = "sphinx"/"sphinx" (ours),
 "eager"/"eager" (transformers' reference loops) and "sdpa"/"grouped_mm" (transformers' fastest built-ins).
@@ -107,6 +108,9 @@ def main() -> None:
     parser.add_argument("--packed", action="store_true")
     parser.add_argument("--compile", action="store_true", help="time the models under torch.compile")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not append rows to benchmarks/results/transformers.csv"
+    )
     args = parser.parse_args()
 
     import sphinx_kernels.integrations.transformers  # noqa: F401  registers "sphinx"
@@ -153,7 +157,8 @@ def main() -> None:
     if not args.compile:
         print_table(rows, baseline="eager+eager")
     print_table(rows, baseline="sdpa+grouped_mm")
-    print(f"\nrows appended to {write_rows(rows, 'transformers')}")
+    if not args.no_write:
+        print(f"\nrows appended to {write_rows(rows, 'transformers')}")
 
 
 if __name__ == "__main__":
