@@ -368,14 +368,14 @@ def _norm(grads) -> torch.Tensor:
 def test_a_step_descends_the_token_mean_over_accumulated_bins_plus_the_weighted_balance_loss(
     demo, tmp_path, seed
 ):
-    """Step 1 of an MoE run accumulating 3 bins, against an independent computation: its loss is the
+    """Step 1 of an MoE run accumulating 2 bins, against an independent computation: its loss is the
     cross-entropy mean over every supervised token of the step in ONE packed batch (accumulation must weigh
     bins by their tokens, not average per-bin means), plus aux_loss_weight x the bins' mean balance loss;
     the logged gradient norm (before clipping) is that sum's over the trainable parameters. The frozen
     towers come out of training unchanged."""
     weight = 0.5  # large, so that leaving the balance term out (or its weight) is far outside the tolerance
     cfg = _config(
-        demo, tmp_path / "run", model="tiny-moe", grad_accum=3, max_steps=1, aux_loss_weight=weight,
+        demo, tmp_path / "run", model="tiny-moe", grad_accum=2, max_steps=1, aux_loss_weight=weight,
         seed=seed % 1000,
     )  # fmt: skip
     cfg.model_overrides = {**SMALL_MODEL, "llm.moe_ffn_dim": 32}
@@ -384,7 +384,7 @@ def test_a_step_descends_the_token_mean_over_accumulated_bins_plus_the_weighted_
 
     initial = sxt._build_model(cfg, torch.device("cpu"))  # the same seed: the run's initial weights
     bins = _step_samples(cfg, initial, 0)
-    assert len(bins) == 3
+    assert len(bins) == 2
     refs = {}
     for dtype in (torch.float64, torch.float32):
         model = copy.deepcopy(initial).to(dtype).train()
