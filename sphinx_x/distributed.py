@@ -71,7 +71,7 @@ def setup_distributed() -> Dist:
 def shard(model: torch.nn.Module, dd: Dist, reshard_after_forward: bool) -> None:
     """FSDP2: one parameter group per LLM block (gathered just in time, freed or kept after forward per
     `reshard_after_forward`) and the rest at the root (embeddings, towers, projector, image markers, skip
-    embedding, final norm, LM head)."""
+    embedding, final norm, LM head), which stays gathered from forward to backward either way."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -79,8 +79,11 @@ def shard(model: torch.nn.Module, dd: Dist, reshard_after_forward: bool) -> None
     for block in model.llm.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     # The frozen towers stay in the root group: a rank whose bin is text-only never calls them, and a unit of
-    # their own would then all-gather on some ranks only (a collective mismatch).
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # their own would then all-gather on some ranks only (a collective mismatch). The root stays gathered from
+    # forward to backward under full sharding too (FSDP's own default for a root, whose parameters backward
+    # needs at once): resharded, touch_root_params would find only sharded parameters after forward, a
+    # text-only rank's projector would get no gradient and the ranks' reduce-scatters would differ in size.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
 
 
 def touch_root_params(model) -> torch.Tensor:

@@ -417,11 +417,6 @@ def train(
     model.llm.activation_checkpointing = cfg.activation_checkpointing
     if dd.enabled:
         shard(model, dd, cfg.reshard_after_forward)
-        # The root group (embeddings, head, projector, image markers, towers) stays gathered from forward to
-        # backward under full sharding too, FSDP's own default for a root (backward needs it at once): resharded,
-        # touch_root_params would find only sharded parameters after forward, a text-only rank's projector would
-        # get no gradient, and the ranks' reduce-scatters would differ in size (a gloo collective mismatch).
-        model.set_reshard_after_forward(False, recurse=False)
     model.train()
     params = [p for g in _param_groups(model, cfg.weight_decay) for p in g["params"]]
     optimizer = torch.optim.AdamW(
