@@ -312,7 +312,7 @@ def cpu_rows(args) -> list[Row]:
     rng = random.Random(args.seed)
     lengths = [rng.randint(300, 3000) for _ in range(args.sequences)]
     rows = []
-    for name in args.dtypes.split(","):
+    for name in filter(None, args.dtypes.split(",")):  # --dtypes "": the sweep and decode rows only
         dtype = getattr(torch, name)
         case = "cpu multimodal mix 300..3000" + ("" if dtype == torch.float32 else f" {name}")
         rows += measure(
@@ -368,7 +368,9 @@ def main() -> None:
         "--threads", type=int, default=0, help="CPU threads (0: torch's default); 1 is stable on a shared box"
     )
     parser.add_argument("--gpu-only", action="store_true")
-    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="CPU training rows' dtypes")
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16,float16", help='CPU mix rows\' dtypes ("": none)'
+    )
     parser.add_argument("--no-decode", action="store_true", help="leave out the CPU decode rows")
     parser.add_argument("--no-sweep", action="store_true", help="leave out the sequence-length sweep")
     parser.add_argument("--sweep-dtypes", default="float32", help="CPU sweep's dtypes (comma-separated)")
