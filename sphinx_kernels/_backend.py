@@ -78,9 +78,9 @@ def _peer_importable(module: str) -> bool:
 
 
 def _status(name: str) -> BackendStatus:
-    cuda = torch.cuda.is_available()
     if name == "torch":
         return BackendStatus(name, True, "PyTorch reference, always available")
+    cuda = torch.cuda.is_available()
     if name in ("cpu", "cuda"):
         module, reason = _extension()
         if module is None:

@@ -1,6 +1,7 @@
 """Varlen attention and rotary embeddings: every backend against float64 references, gradients, packing
 invariance, the work schedule, errors, torch.compile and opcheck."""
 
+import contextlib
 import random
 import sys
 import types
@@ -474,6 +475,25 @@ def test_queries_against_a_cache_equal_the_full_sequences_rows(seed, backend):
     )
     full64, full_lowp = (r[0][rows] for r in reference_runs(q, k, v, do, cu, True, backend=backend))
     assert_close_to_reference(got, full64, full_lowp, name="the full pass's rows")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grad", ["no_grad", "inference_mode", "requires_grad"])
+def test_one_stream_decoding_one_token(seed, dtype, grad):
+    """Batch-1 decoding on the CPU (one query, grouped heads, a cache of odd length): without autograd the
+    public function calls the engine directly and returns the kernel's result as is; with autograd it goes
+    through the registered op. Both against plain ops in float64."""
+    keys = random.Random(seed).randint(1, 300)
+    cu, cu_k = cu_from([1]), cu_from([keys])
+    q, k, v, do = random_qkv_lengths(seed, [1], [keys], 8, 2, 64, dtype)
+    ref64, ref_lowp = (r[0] for r in reference_runs(q, k, v, do, cu, True, cu_k, backend="torch"))
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        grad, contextlib.nullcontext
+    )
+    with context():
+        got = varlen_attention(q, k, v, cu, 1, cu_seqlens_k=cu_k, max_seqlen_k=keys, backend="torch")
+    assert got.dtype == dtype and got.requires_grad == (grad == "requires_grad")
+    assert_close_to_reference(got.detach(), ref64, ref_lowp, name=f"decode over {keys} keys")
 
 
 @pytest.mark.parametrize(
