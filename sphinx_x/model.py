@@ -262,7 +262,10 @@ class SphinxX(nn.Module):
             raise ValueError("batch has image positions but no views")
         feats = self.vision(batch.views).to(h.dtype).flatten(0, 1)  # (V*N, dim)
         table = torch.cat([feats, self.img_start[None], self.img_end[None], self.skip_token[None]])
-        return h.index_put((batch.image_positions,), table[batch.image_sources])
+        # index_select, not table[...]: advanced indexing's backward (index_put_ with accumulate) sums the
+        # rows that share a source (img_start/img_end/skip_token) in a varying order on the CPU, so two
+        # identical steps differed by an ulp; index_select's (index_add_) sums in index order.
+        return h.index_put((batch.image_positions,), table.index_select(0, batch.image_sources))
 
     def forward(
         self, batch: SphinxBatch, *, reduction: str = "mean", return_logits: bool = False
