@@ -8,7 +8,10 @@ and ``torch`` (the reference).
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sphinx_kernels import _backend
 from sphinx_kernels._common import common_device, on_device
@@ -31,13 +34,29 @@ def rotary_inv_freq(head_dim: int, theta: float, device: torch.device | str = "c
     return 1.0 / (theta**exponent)
 
 
+@functools.lru_cache(maxsize=64)
+def _remembered_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, whichever mode asks first
+        return rotary_inv_freq(head_dim, theta, device)
+
+
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """`rotary_inv_freq`, computed once per head_dim, theta and device (four small ops, ~45 us on a CPU, twice
+    per layer of every decode step); made afresh under torch.compile (folded there anyway) and under any
+    dispatch mode (a fake tensor must never be remembered)."""
+    theta = float(theta)  # one computation for an int and a float theta (pow rounds them differently)
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return rotary_inv_freq(head_dim, theta, device)
+    return _remembered_inv_freq(head_dim, theta, device)
+
+
 def apply_rotary_ref(x: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """Llama rotary embedding (rotate-half convention), plain PyTorch. Shapes as `apply_rotary`.
 
     Angles in float32 (``position * inv_freq``), cos/sin cast to x's dtype, then
     ``x*cos + rotate_half(x)*sin`` in x's dtype: the Hugging Face computation.
     """
-    inv_freq = rotary_inv_freq(x.shape[-1], theta, x.device)
+    inv_freq = _inv_freq(x.shape[-1], theta, x.device)
     freqs = position_ids.to(torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos = emb.cos().to(x.dtype)[:, None, :]
@@ -216,7 +235,7 @@ def apply_rotary(
         chosen = _backend.select("rope", BACKENDS, torch.device(x.device.type), backend=backend)
     if chosen == "torch":
         return apply_rotary_ref(x, position_ids, theta)
-    inv_freq = rotary_inv_freq(x.shape[2], float(theta), x.device)
+    inv_freq = _inv_freq(x.shape[2], float(theta), x.device)
     return _apply_rotary_op(x, position_ids.contiguous(), inv_freq, 1)
 
 
