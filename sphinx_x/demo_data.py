@@ -53,14 +53,16 @@ SHAPE_COUNTS, SHAPE_COUNT_ODDS = (1, 2, 3), (0.7, 0.2, 0.1)
 
 # The three showcase images of the held-out split: (width, height, [(colour, kind, x0, y0, x1, y1)], question,
 # answer, question kind). Fixed so that `make demo` can name them; asked about colour, what the tiny model
-# reads from the image most reliably after one epoch (~85% held-out; kinds ~60%, count/side/box near their
-# priors), on a 3:1 panorama (half its tiles skipped), a 1:2 portrait and a two-shape 4:3 image.
+# reads from the image most reliably after one epoch (~80% held-out; kinds ~60%, count/side/box near their
+# priors), on a 3:1 panorama (half its tiles skipped), a 1:2 portrait and a 4:3 landscape, one shape each:
+# which of two shapes has which colour stays a coin toss at this size (a two-shape showcase was answered
+# with the other shape's colour after a change that only reordered a gradient sum).
 SHOWCASES = (
     (192, 64, [("blue", "square", 14, 8, 62, 56)],
      "What colour is the square?", "blue", "colour"),
     (72, 144, [("green", "triangle", 8, 40, 64, 96)],
      "What colour is the triangle?", "green", "colour"),
-    (160, 120, [("purple", "square", 20, 30, 70, 80), ("red", "triangle", 96, 54, 146, 104)],
+    (160, 120, [("red", "triangle", 96, 54, 146, 104)],
      "What colour is the triangle?", "red", "colour"),
 )  # fmt: skip
 
