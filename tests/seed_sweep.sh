@@ -14,14 +14,15 @@
 #   triton            the Triton kernels in the interpreter, at TRITON_SEEDS rounds (~1 s per case there)
 #
 # Usage: bash tests/seed_sweep.sh [part ...]     (default: all four; needs `make build` first)
-# Env:   SEEDS (300), TRITON_SEEDS (10), PYTHON (.venv/bin/python)
+# Env:   SEEDS (300), TRITON_SEEDS (10), PYTHON (.venv/bin/python), SWEEP_LOGS (build/seed_sweep: logs;
+#        a separate folder per concurrent run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 SEEDS=${SEEDS:-300}
 TRITON_SEEDS=${TRITON_SEEDS:-10}
-LOGS=$ROOT/build/seed_sweep
+LOGS=${SWEEP_LOGS:-$ROOT/build/seed_sweep}
 CSV=$ROOT/tests/seed_sweeps.csv
 mkdir -p "$LOGS"
 
