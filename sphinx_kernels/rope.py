@@ -235,7 +235,7 @@ def apply_rotary(
         chosen = _backend.select("rope", BACKENDS, torch.device(x.device.type), backend=backend)
     if chosen == "torch":
         return apply_rotary_ref(x, position_ids, theta)
-    inv_freq = _inv_freq(x.shape[2], float(theta), x.device)
+    inv_freq = _inv_freq(x.shape[2], theta, x.device)
     return _apply_rotary_op(x, position_ids.contiguous(), inv_freq, 1)
 
 

@@ -99,22 +99,19 @@ def cpu_forward(
     """``(out (T, Hq, D) q.dtype, lse (Hq, T))``: lse float32 (float64 for float64), natural log, +inf where a
     query sees no key; None unless `with_lse` (no backward to come)."""
     compute = forward_dtype(q.dtype)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
     sequences = list(_sequences(cu_seqlens, cu_seqlens_k, causal, compute, q.device))
-    if len(sequences) == 1 and sequences[0][:3] == (0, 1, 0) and q.shape[0] == 1 and group > 1:
+    if len(sequences) == 1 and sequences[0][:3] == (0, 1, 0) and group > 1:
         # One stream decoding one token: the kernel's result is the answer (no packed buffers to fill; at
         # batch 1 the copies cost about as much as the kernel).
         _, _, _, ks, ke, _, _ = sequences[0]
         kh, vh = _heads_first(k, ks, ke, compute), _heads_first(v, ks, ke, compute)
         o, seq_lse = _flash(_query_group_rows(q, 0, kv_heads, compute), kh, vh, 0.0, False, scale=scale)
-        lse = _as(seq_lse.reshape(-1, 1), torch.float64 if q.dtype == torch.float64 else torch.float32)
-        return _as(o.reshape(q.shape), q.dtype), lse if with_lse else None
+        lse = _as(seq_lse.reshape(-1, 1), lse_dtype) if with_lse else None
+        return _as(o.reshape(q.shape), q.dtype), lse
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = None
-    if with_lse:
-        lse = q.new_empty(
-            (q.shape[1], q.shape[0]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32
-        )
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype) if with_lse else None
     for a, qe, blind, ks, ke, is_causal, mask in sequences:
         if blind:  # rows that see no key (an empty fill still costs two dispatches per sequence and layer)
             out[a - blind : a] = 0
